@@ -1,0 +1,1 @@
+"""fedllava: MLLM-assisted federated learning (MLLM-LLaVA-FL) in JAX/Flax."""

@@ -1,0 +1,165 @@
+"""Local training of one client: batch plans, on-device augmentation, the masked SGD step.
+
+A client's data is padded to a common length and its local epochs to a common number of
+steps, so every client runs the same program (Eq. 3, ``w <- w - eta * grad L_loc``):
+
+* a *batch plan* (built on the host, like a DataLoader with ``shuffle=True`` and no
+  ``drop_last``) gives each step's example indices, a per-example weight (0 pads the last
+  partial batch) and whether the step is active at all;
+* a masked step (``active = False``) changes nothing: parameters, BN statistics and the
+  optimizer state are carried over unchanged, and augmentation keys are derived from the
+  step index, so there is no RNG state to advance;
+* a partial batch of ``m`` examples is a full SGD step on those ``m``: the mean loss over
+  them, and BN batch statistics over them only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+class BatchPlan(NamedTuple):
+  """Which examples each local step sees. Leading axis: steps (or clients, then steps)."""
+
+  idx: np.ndarray      # [S, B] int32 indices into the client's padded data
+  weight: np.ndarray   # [S, B] float32, 1 for a real example, 0 for padding
+  active: np.ndarray   # [S] bool, False for the steps that only pad the scan
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Batches in one epoch without ``drop_last``."""
+  return math.ceil(num_examples / batch_size)
+
+
+def make_batch_plan(num_examples: int, max_examples: int, epochs: int, batch_size: int,
+                    rng: np.random.Generator) -> BatchPlan:
+  """Plans ``epochs`` shuffled passes over ``num_examples`` examples, padded to ``max_examples``.
+
+  Each epoch draws a fresh permutation; its batches are consecutive slices of ``batch_size``
+  (the last one shorter); each epoch is padded with inactive steps to
+  ``steps_per_epoch(max_examples)`` so all clients share the plan's shape.
+  """
+  if num_examples <= 0:
+    raise ValueError("a client with no examples cannot train; use fewer clients or a larger "
+                     "Dirichlet alpha (config.data.dirichlet_alpha).")
+  slots = steps_per_epoch(max_examples, batch_size)
+  idx = np.zeros((epochs, slots, batch_size), np.int32)
+  weight = np.zeros((epochs, slots, batch_size), np.float32)
+  active = np.zeros((epochs, slots), bool)
+  for e in range(epochs):
+    perm = rng.permutation(num_examples)
+    for j in range(steps_per_epoch(num_examples, batch_size)):
+      chunk = perm[j * batch_size:(j + 1) * batch_size]
+      idx[e, j, :len(chunk)] = chunk
+      weight[e, j, :len(chunk)] = 1.0
+      active[e, j] = True
+  return BatchPlan(idx.reshape(-1, batch_size), weight.reshape(-1, batch_size),
+                   active.reshape(-1))
+
+
+def augment(images: jax.Array, key: jax.Array, padding: int, flip: bool,
+            per_batch: bool) -> jax.Array:
+  """Random crop (zero padding) and horizontal flip, on device.
+
+  Args:
+    images: normalised images ``[B, H, W, C]``.
+    key: the step's key. Example ``i`` uses ``fold_in(key, i)``, so the first ``m`` examples
+      of a padded batch are augmented exactly as an unpadded batch of ``m``.
+    padding: pixels of zero padding before the crop (0 disables cropping).
+    flip: whether to flip half of the time.
+    per_batch: one crop and flip for the whole batch (CReFF applies its torchvision
+      transforms to the batch tensor); otherwise each example draws its own.
+  Returns:
+    Augmented images, same shape.
+  """
+  b, h, w, _ = images.shape
+  if padding == 0 and not flip:
+    return images
+  if per_batch:
+    keys = jnp.broadcast_to(key, (b,) + key.shape)
+  else:
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+
+  def one(img, k):
+    k_crop, k_flip = jax.random.split(k)
+    if padding:
+      padded = jnp.pad(img, ((padding, padding), (padding, padding), (0, 0)))
+      off = jax.random.randint(k_crop, (2,), 0, 2 * padding + 1)
+      img = jax.lax.dynamic_slice(padded, (off[0], off[1], 0), img.shape)
+    if flip:
+      img = jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
+    return img
+
+  return jax.vmap(one)(images, keys)
+
+
+class LocalTrainer(NamedTuple):
+  """The pure functions of local training for one client (vmap them for many)."""
+
+  step: Callable        # (carry, images, labels, global_params, idx, weight, active, key) -> (carry, loss)
+  init_carry: Callable  # (variables) -> carry
+  train: Callable       # (variables, images, labels, plan: BatchPlan, key) -> (variables, metrics)
+
+
+def create_local_trainer(model, algorithm, *, learning_rate: float, mean, std,
+                         crop_padding: int, flip: bool, per_batch_augment: bool) -> LocalTrainer:
+  """Builds the local SGD step and the scanned local training of one client.
+
+  Args:
+    model: the Flax FL model (returns a dict with ``logits``).
+    algorithm: an ``FLAlgorithm``; its ``local_penalty`` is added to the loss.
+    learning_rate: local SGD step size (CReFF: 0.1, no momentum, no weight decay); the
+      optimizer state is fresh every round.
+    mean, std: per-channel normalisation applied to ``uint8 / 255``.
+    crop_padding, flip, per_batch_augment: see ``augment``.
+  Returns:
+    A ``LocalTrainer``.
+  """
+  tx = optax.sgd(learning_rate)
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def loss_fn(params, batch_stats, global_params, x, y, w):
+    out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                mask=w, mutable=["batch_stats"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], y)
+    loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0)
+    loss = loss + algorithm.local_penalty(params, global_params)
+    return loss, new_vars["batch_stats"]
+
+  def init_carry(variables):
+    return (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+  def step(carry, images, labels, global_params, idx, weight, active, key):
+    params, batch_stats, opt_state = carry
+    x = (images[idx].astype(jnp.float32) / 255.0 - mean) / std
+    x = augment(x, key, crop_padding, flip, per_batch_augment)
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype))
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_carry = (optax.apply_updates(params, updates), new_stats, new_opt)
+    carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_carry, carry)
+    return carry, jnp.where(active, loss, 0.0)
+
+  def train(variables, images, labels, plan: BatchPlan, key):
+    global_params = variables["params"]
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(plan.active.shape[0]))
+
+    def body(carry, xs):
+      idx, weight, active, k = xs
+      return step(carry, images, labels, global_params, idx, weight, active, k)
+
+    (params, stats, _), losses = jax.lax.scan(
+        body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys))
+    num_steps = jnp.sum(plan.active.astype(jnp.int32))
+    metrics = {"loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}
+    return {"params": params, "batch_stats": stats}, metrics
+
+  return LocalTrainer(step, init_carry, train)

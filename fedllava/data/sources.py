@@ -1,0 +1,248 @@
+"""Image classification data sets as in-memory uint8 arrays.
+
+Every loader returns a :class:`Dataset`: ``images`` uint8 [N, H, W, 3] (grey images repeated
+to 3 channels) and ``labels`` int32 [N]. Sources:
+
+* ``cifar10``, ``cifar100``: TFDS through ``tfds.data_source`` (ArrayRecord, no TensorFlow
+  needed to read a prepared copy); every record is read into numpy.
+* ``imagenet_lt``: TFDS ``imagenet_lt`` (Liu et al. 2019's ImageNet-LT: train / validation /
+  test). It needs the ImageNet-2012 tars downloaded by hand into ``manual_dir``; images vary in
+  size, so ``image_size`` is required: shorter side resized (bilinear, antialiased) to
+  ``image_size`` then a centre crop, as torchvision's ``Resize`` + ``CenterCrop``.
+* ``digits``: scikit-learn's ``load_digits`` (1797 8x8 grey images, values 0..16, 10 classes)
+  shipped with the package, so it works offline. Pixels become ``round(v * 255 / 16)``. The
+  train/test split is fixed and stratified: each class's positions are permuted by one
+  ``np.random.RandomState(0)`` (classes in order) and the first ``round(0.2 * n_c)`` go to
+  ``test`` (359 images), the rest to ``train`` (1438); each split is in ascending order.
+* ``synthetic``: uniform random uint8 images with balanced labels from a seed (benchmarks).
+
+``DATASET_STATS`` holds the per-channel normalisation (mean, std) in [0, 1] units.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """An in-memory labelled image set.
+
+  Attributes:
+    images: uint8 [N, H, W, 3].
+    labels: int32 [N].
+    num_classes: C.
+    class_names: C readable names, or None.
+    name: the source name (``cifar10``, ``digits``, ...).
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  class_names: tuple[str, ...] | None = None
+  name: str = ""
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def subset(self, indices) -> "Dataset":
+    """The examples at ``indices`` (in that order), same metadata."""
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices])
+
+
+class Normalization(NamedTuple):
+  """Per-channel mean and std of pixel values scaled to [0, 1]."""
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+
+_CIFAR = Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # CReFF's values
+_IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# digits: mean and std of all pixels of the train split above (grey, so equal channels); the
+# tests recompute them.
+_DIGITS = Normalization((0.3058,) * 3, (0.3764,) * 3)
+# synthetic: a discrete uniform on 0..255 has mean 127.5 and std sqrt((256^2 - 1) / 12).
+_SYNTHETIC = Normalization((0.5,) * 3, (float(np.sqrt((256**2 - 1) / 12) / 255),) * 3)
+
+DATASET_STATS: dict[str, Normalization] = {
+    "cifar10": _CIFAR,
+    "cifar100": _CIFAR,  # CReFF normalises CIFAR-100 with the CIFAR-10 statistics too
+    "imagenet_lt": _IMAGENET,
+    "digits": _DIGITS,
+    "synthetic": _SYNTHETIC,
+}
+
+KNOWN_DATASETS = ("cifar10", "cifar100", "imagenet_lt", "digits", "synthetic")
+IMAGENET_LT_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+  """[N, H, W] or [N, H, W, 1] grey images → [N, H, W, 3]; RGB passes through."""
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  if images.shape[-1] != 3:
+    raise ValueError(f"expected 1 or 3 channels, got shape {images.shape}")
+  return images
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes the shorter side to ``size`` (bilinear, antialiased) and centre-crops a square.
+
+  Args:
+    image: uint8 [H, W, C] (C = 1 or 3) or [H, W].
+    size: output side.
+
+  Returns:
+    uint8 [size, size, 3].
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  image = to_rgb(np.asarray(image, np.uint8)[None])[0]
+  h, w = image.shape[:2]
+  scale = size / min(h, w)
+  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+  pil = Image.fromarray(image).resize((nw, nh), Image.BILINEAR)
+  top, left = (nh - size) // 2, (nw - size) // 2
+  return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The fixed stratified digits split: (images, labels, train positions, test positions)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  labels = digits.target.astype(np.int32)
+  rs = np.random.RandomState(DIGITS_SPLIT_SEED)
+  test = []
+  for c in range(10):
+    pos = rs.permutation(np.flatnonzero(labels == c))
+    test.append(pos[:int(round(DIGITS_TEST_FRACTION * len(pos)))])
+  test = np.sort(np.concatenate(test))
+  train = np.setdiff1d(np.arange(len(labels)), test)
+  return images, labels, train, test
+
+
+def _load_digits(split: str) -> Dataset:
+  images, labels, train, test = _digits_split()
+  if split not in ("train", "test"):
+    raise ValueError(f"digits has splits 'train' and 'test', got {split!r}")
+  pos = train if split == "train" else test
+  return Dataset(to_rgb(images[pos]), labels[pos], 10, tuple(str(c) for c in range(10)),
+                 "digits")
+
+
+def _load_synthetic(split: str, num_examples: int, image_shape: Sequence[int],
+                    num_classes: int, seed: int) -> Dataset:
+  split_id = {"train": 0, "test": 1, "validation": 2}.get(split)
+  if split_id is None:
+    raise ValueError(f"synthetic has splits train/test/validation, got {split!r}")
+  shape = tuple(image_shape)
+  if len(shape) != 3 or shape[-1] not in (1, 3):
+    raise ValueError(f"image_shape must be (H, W, 1 or 3), got {image_shape}")
+  rng = np.random.default_rng([seed, split_id])
+  images = rng.integers(0, 256, (num_examples,) + shape, dtype=np.uint8)
+  labels = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
+  return Dataset(to_rgb(images), labels, num_classes, None, "synthetic")
+
+
+def _read_source(source, chunk: int = 1024) -> list[dict]:
+  """Reads every record of a TFDS data source (batched reads where the source allows)."""
+  n = len(source)
+  records: list[dict] = []
+  batched = hasattr(source, "__getitems__")
+  for start in range(0, n, chunk):
+    keys = list(range(start, min(n, start + chunk)))
+    if batched:
+      try:
+        records.extend(source.__getitems__(keys))
+        continue
+      except TypeError:  # tfds.testing.mock_data's source has a broken __getitems__
+        batched = False
+    records.extend(source[i] for i in keys)
+  return records
+
+
+def _check_imagenet_manual(manual_dir: str | None) -> str:
+  manual_dir = os.path.expanduser(manual_dir or "~/tensorflow_datasets/downloads/manual")
+  missing = [f for f in IMAGENET_LT_MANUAL_FILES
+             if not os.path.isfile(os.path.join(manual_dir, f))]
+  if missing:
+    raise FileNotFoundError(
+        f"imagenet_lt is not prepared and needs a manual download: put {' and '.join(missing)} "
+        f"(ImageNet-2012 train/val archives, from https://image-net.org/download-images after "
+        f"registering) into {manual_dir} (or pass manual_dir=...). TFDS expects exactly: "
+        f"{', '.join(IMAGENET_LT_MANUAL_FILES)}. Preparing also needs TensorFlow and network "
+        "access to fetch the ImageNet-LT subset lists; once prepared, reading needs neither.")
+  return manual_dir
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None, manual_dir: str | None,
+               image_size: int | None) -> Dataset:
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{name} is read through tensorflow_datasets: pip install "
+                      "tensorflow-datasets (TensorFlow itself is not needed).") from e
+
+  # Random access needs ArrayRecord files; TFDS only picks that format itself when data_dir is
+  # None, so ask for it explicitly (a copy prepared as TFRecord cannot be read this way).
+  builder_kwargs = {"file_format": "array_record"}
+  kwargs = {}
+  if name == "imagenet_lt":
+    if image_size is None:
+      raise ValueError("imagenet_lt images vary in size: pass image_size (e.g. 32, 64 or 224)")
+    if not tfds.builder(name, data_dir=data_dir, **builder_kwargs).is_prepared():
+      manual_dir = _check_imagenet_manual(manual_dir)
+      kwargs["download_and_prepare_kwargs"] = {
+          "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
+  source = tfds.data_source(name, split=split, data_dir=data_dir,
+                            builder_kwargs=builder_kwargs, **kwargs)
+  records = _read_source(source)
+  if image_size is not None:
+    images = np.stack([resize_center_crop(r["image"], image_size) for r in records]) if records \
+        else np.zeros((0, image_size, image_size, 3), np.uint8)
+  else:
+    images = to_rgb(np.stack([np.asarray(r["image"], np.uint8) for r in records]))
+  labels = np.asarray([int(r["label"]) for r in records], np.int32)
+  label_feature = source.dataset_info.features["label"]
+  names = tuple(label_feature.names) if label_feature.names else None
+  return Dataset(images, labels, int(label_feature.num_classes), names, name)
+
+
+def load_dataset(name: str, split: str, *, data_dir: str | None = None,
+                 manual_dir: str | None = None, image_size: int | None = None,
+                 num_examples: int = 1000, image_shape: Sequence[int] = (32, 32, 3),
+                 num_classes: int = 10, seed: int = 0) -> Dataset:
+  """Loads a whole split into memory.
+
+  Args:
+    name: one of ``KNOWN_DATASETS``.
+    split: ``train`` / ``test`` (TFDS also ``validation`` and slices such as ``train[:10%]``).
+    data_dir: TFDS data directory (default TFDS's, ``~/tensorflow_datasets``).
+    manual_dir: where the ImageNet tars are for ``imagenet_lt`` (default
+      ``~/tensorflow_datasets/downloads/manual``).
+    image_size: resize + centre-crop side; required for ``imagenet_lt``, optional for the rest
+      of TFDS, ignored for ``digits`` and ``synthetic``.
+    num_examples, image_shape, num_classes, seed: ``synthetic`` only (the split also seeds).
+
+  Returns:
+    A :class:`Dataset`.
+
+  Raises:
+    ValueError: unknown name or split. FileNotFoundError: ImageNet-LT manual files missing.
+  """
+  if name == "digits":
+    return _load_digits(split)
+  if name == "synthetic":
+    return _load_synthetic(split, num_examples, image_shape, num_classes, seed)
+  if name in ("cifar10", "cifar100", "imagenet_lt"):
+    return _load_tfds(name, split, data_dir, manual_dir, image_size)
+  raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}")

@@ -1,0 +1,1 @@
+"""Flax models: the FL ResNets and the server-side CLIP / LLaVA teachers."""

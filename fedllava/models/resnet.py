@@ -1,0 +1,224 @@
+"""Flax ResNets for the FL model g_fl: CReFF's ResNet-8 (CIFAR) and ResNet-50 (ImageNet).
+
+Numerics follow PyTorch, because the paper's numbers come from CReFF's PyTorch code
+(see DESIGN.md, "The CReFF protocol, as its code does it"):
+
+* convolutions pad explicitly ``(k - 1) // 2`` on each side; XLA's "SAME" pads stride-2
+  3x3 convolutions (0, 1) and shifts every window;
+* batch norm is PyTorch's: eps 1e-5, momentum 0.1, the running variance takes the
+  *unbiased* batch variance, and batch statistics can be restricted to a mask of valid
+  examples (the last partial batch of an epoch is padded to a fixed shape);
+* initialisation: convolutions He normal with fan-out, BN scale 1 / bias 0, the
+  classifier PyTorch's default ``Linear`` init U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+Every model returns a dict with ``feature_map`` (the last spatial map, needed by stage 1),
+``features`` (the pooled vector) and ``logits``; ``tokens`` (the feature map mapped by the
+feature MLP to the teacher's width, Eq. 2's g_fl(x)) is present when ``mlp_dim`` is set.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def conv_init(key, shape, dtype=jnp.float32):
+  """He normal with fan-out, as CReFF's ``normal_(0, sqrt(2 / (k * k * out)))``."""
+  kh, kw, _, out = shape
+  return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / (kh * kw * out))
+
+
+def torch_linear_init(fan_in: int) -> Callable:
+  """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class BatchNorm(nn.Module):
+  """Batch norm with PyTorch's semantics and an optional per-example mask.
+
+  In training mode the batch is normalised with its biased variance, and the running
+  statistics move as ``r <- (1 - m) r + m * s`` with momentum ``m`` (PyTorch's 0.1) and
+  ``s`` the batch mean, or the *unbiased* batch variance ``var * n / (n - 1)`` with
+  ``n = valid examples * H * W``. Examples whose mask is 0 take no part in either.
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @property
+  def param_dtype(self):
+    return jnp.promote_types(self.dtype, jnp.float32)
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), stat_dtype))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), stat_dtype))
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      if mask is None:
+        w = jnp.ones(x.shape[:1], x.dtype)
+      else:
+        w = mask.astype(x.dtype)
+      w = w.reshape(w.shape + (1,) * (x.ndim - 1))
+      n = jnp.sum(w) * np.prod(x.shape[1:-1])
+      mean = jnp.sum(x * w, axis=axes) / jnp.maximum(n, 1.0)
+      var = jnp.sum(w * jnp.square(x - mean), axis=axes) / jnp.maximum(n, 1.0)
+      if not self.is_initializing():
+        unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=conv_init, dtype=dtype,
+                 param_dtype=jnp.promote_types(dtype, jnp.float32), name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual; 1x1 conv + BN shortcut when the shape changes."""
+
+  features: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    y = _conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train, mask))
+    y = _conv(self.features, 3, 1, "conv2", self.dtype)(y)
+    y = BatchNorm(dtype=self.dtype, name="bn2")(y, train, mask)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _conv(self.features, 1, self.stride, "downsample_conv", self.dtype)(x)
+      x = BatchNorm(dtype=self.dtype, name="downsample_bn")(x, train, mask)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """ResNet-50 bottleneck (torchvision v1.5: the stride sits on the 3x3 convolution)."""
+
+  features: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    y = _conv(self.features, 1, 1, "conv1", self.dtype)(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train, mask))
+    y = _conv(self.features, 3, self.stride, "conv2", self.dtype)(y)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train, mask))
+    y = _conv(self.features * 4, 1, 1, "conv3", self.dtype)(y)
+    y = BatchNorm(dtype=self.dtype, name="bn3")(y, train, mask)
+    if self.stride != 1 or x.shape[-1] != self.features * 4:
+      x = _conv(self.features * 4, 1, self.stride, "downsample_conv", self.dtype)(x)
+      x = BatchNorm(dtype=self.dtype, name="downsample_bn")(x, train, mask)
+    return nn.relu(x + y)
+
+
+class FeatureMLP(nn.Module):
+  """Per-token MLP from the backbone's channels to the teacher's width (the paper's added MLP)."""
+
+  hidden: int
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    pd = jnp.promote_types(self.dtype, jnp.float32)
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=pd, name="fc1")(x)
+    return nn.Dense(self.out, dtype=self.dtype, param_dtype=pd, name="fc2")(
+        nn.gelu(x, approximate=False))
+
+
+class ResNet(nn.Module):
+  """A ResNet backbone + pooled features + linear classifier (+ optional feature MLP).
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    block: ``BasicBlock`` or ``Bottleneck``.
+    width: channels of the first stage (CReFF's ResNet-8: 16 * scaling 4 = 64).
+    num_classes: classifier outputs.
+    stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool).
+    mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
+    head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
+  """
+
+  stage_sizes: Sequence[int]
+  block: Any
+  width: int
+  num_classes: int
+  stem: str = "cifar"
+  mlp_dim: Optional[int] = None
+  head_on_mlp: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask: Optional[jax.Array] = None):
+    x = x.astype(self.dtype)
+    if self.stem == "cifar":
+      x = _conv(self.width, 3, 1, "conv1", self.dtype)(x)
+      x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+    else:
+      x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
+      x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        stride = 2 if (i > 0 and j == 0) else 1
+        x = self.block(self.width * 2**i, stride, dtype=self.dtype,
+                       name=f"layer{i + 1}_{j}")(x, train, mask)
+    out = {"feature_map": x}
+    pooled = jnp.mean(x, axis=(1, 2))
+    if self.mlp_dim is not None:
+      tokens = FeatureMLP(self.mlp_dim, self.mlp_dim, dtype=self.dtype, name="feature_mlp")(x)
+      out["tokens"] = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+      if self.head_on_mlp:
+        pooled = jnp.mean(out["tokens"], axis=1)
+    out["features"] = pooled
+    fan_in = pooled.shape[-1]
+    head_dtype = jnp.promote_types(self.dtype, jnp.float32)  # bf16 bodies keep f32 logits
+    out["logits"] = nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=head_dtype,
+                             name="classifier",
+                             kernel_init=torch_linear_init(fan_in),
+                             bias_init=torch_linear_init(fan_in))(pooled.astype(head_dtype))
+    return out
+
+
+def create_model(model_config, num_classes: int) -> ResNet:
+  """Builds the FL model named by ``model_config.name`` ("resnet8" or "resnet50").
+
+  Args:
+    model_config: ``config.model``; reads ``name``, ``width``, ``mlp_dim``, ``head_on_mlp``.
+    num_classes: classifier outputs.
+  Returns:
+    A ``ResNet`` module.
+  """
+  mlp_dim = model_config.get("mlp_dim", None)
+  head_on_mlp = bool(model_config.get("head_on_mlp", False))
+  dtype = jnp.dtype(model_config.get("dtype", "float32"))
+  width = model_config.get("width", 64)
+  if model_config.name == "resnet8":
+    return ResNet((1, 1, 1), BasicBlock, width, num_classes, "cifar", mlp_dim, head_on_mlp, dtype)
+  if model_config.name == "resnet50":
+    return ResNet((3, 4, 6, 3), Bottleneck, width, num_classes, "imagenet", mlp_dim, head_on_mlp,
+                  dtype)
+  raise ValueError(f"config.model.name={model_config.name!r} is not a known model; "
+                   "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT).")

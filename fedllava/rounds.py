@@ -1,0 +1,135 @@
+"""One federated round as one jitted, sharded computation (paper Sec. 3.2, Eq. 3-4).
+
+The sampled clients' data, batch plans and keys are stacked on a leading client axis that
+is sharded over the mesh. Inside ``shard_map`` each device trains its share of clients with
+the chosen client-parallel strategy; the server update (an ``FLAlgorithm``) then reduces
+over the client axis. A padding client (weight 0, no active steps) fills the client axis up
+to a multiple of the device count and changes nothing.
+
+Client-parallel strategies (identical results, different speed; DESIGN.md asks the GPU
+benchmark to pick): ``vmap`` (all local clients at once; per-client conv kernels lower to
+grouped convolutions), ``map`` (``lax.map``: one client after another), ``group``
+(``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fedllava import algorithms, client, sharding
+
+PyTree = Any
+STRATEGIES = ("vmap", "map", "group")
+
+
+class RoundInputs(NamedTuple):
+  """Everything stacked on the client axis for one round."""
+
+  images: Any          # [M, N_max, H, W, C] uint8
+  labels: Any          # [M, N_max] int32
+  plan: client.BatchPlan  # idx/weight [M, S, B], active [M, S]
+  keys: Any            # [M] PRNG keys (augmentation)
+  weights: Any         # [M] float32, |D_k| / sum |D_k|, 0 for padding clients
+
+
+def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
+  """Maps single-client ``train`` over a (device-local) client axis."""
+
+  def per_client(variables, images, labels, plan, keys):
+    f = lambda im, lb, pl, k: train(variables, im, lb, pl, k)  # noqa: E731
+    if strategy == "vmap":
+      return jax.vmap(f)(images, labels, plan, keys)
+    if strategy == "map":
+      return jax.lax.map(lambda a: f(*a), (images, labels, plan, keys))
+    n = images.shape[0]
+    g = min(group_size, n)
+    if n % g:
+      raise ValueError(f"config.fl.group_size={group_size} must divide the clients per device ({n}).")
+    grouped = jax.tree.map(lambda x: x.reshape((n // g, g) + x.shape[1:]),
+                           (images, labels, plan, keys))
+    out = jax.lax.map(lambda a: jax.vmap(f)(*a), grouped)
+    return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
+
+  return per_client
+
+
+def create_round_fn(trainer: client.LocalTrainer, algorithm: algorithms.FLAlgorithm,
+                    mesh: Mesh, strategy: str = "vmap", group_size: int = 1) -> Callable:
+  """Builds ``round_fn(variables, server_state, inputs) -> (variables, server_state, metrics)``.
+
+  Local training: Eq. 3 on every sampled client. Aggregation: the algorithm's server update
+  on the parameters (FedAvg: ``w = sum_k |D_k| / sum |D_k| * w_k``, Eq. 4) and the same
+  weighted mean over BN running statistics (CReFF averages the whole state dict).
+  Only client *parameters and statistics* reach the server.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
+  c = sharding.CLIENTS
+  clients_fn = jax.shard_map(
+      _run_clients(trainer.train, strategy, group_size), mesh=mesh,
+      in_specs=(P(), P(c), P(c), P(c), P(c)), out_specs=P(c), check_vma=False)
+
+  def round_fn(variables, server_state, inputs: RoundInputs):
+    client_vars, m = clients_fn(variables, inputs.images, inputs.labels, inputs.plan, inputs.keys)
+    params, server_state = algorithms.server_update(
+        algorithm, variables["params"], server_state, client_vars["params"], inputs.weights,
+        m["num_steps"])
+    stats = algorithms.base.weighted_mean(client_vars["batch_stats"], inputs.weights)
+    metrics = {"train/loss": jnp.sum(inputs.weights * m["loss"]),
+               "train/client_loss": m["loss"], "train/client_steps": m["num_steps"]}
+    return {"params": params, "batch_stats": stats}, server_state, metrics
+
+  repl = sharding.replicated(mesh)
+  cs = sharding.client_sharding(mesh)
+  return jax.jit(round_fn, in_shardings=(repl, repl, cs), out_shardings=(repl, repl, repl),
+                 donate_argnums=(0, 1))
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
+  """Round ``round_index``'s clients, as CReFF draws them.
+
+  CReFF keeps one ``RandomState(seed)`` and calls ``choice(range(K), m, replace=False)``
+  every round; replaying the draws from the seed gives the same sequence after a resume.
+  """
+  rs = np.random.RandomState(seed)
+  for _ in range(round_index):
+    rs.choice(range(num_clients), per_round, replace=False)
+  return np.sort(rs.choice(range(num_clients), per_round, replace=False))
+
+
+def build_round_inputs(selected: Sequence[int], sizes: np.ndarray, max_size: int, *, epochs: int,
+                       batch_size: int, seed: int, round_index: int, pad_to: int,
+                       aug_key: jax.Array) -> tuple[RoundInputs, np.ndarray]:
+  """Batch plans, keys and FedAvg weights for the selected clients, padded to ``pad_to``.
+
+  Returns ``(inputs, client_ids)`` where ``inputs.images``/``labels`` are left as None for the
+  caller to fill (they live on device) and ``client_ids`` has length ``pad_to`` (padding
+  clients repeat client ``selected[0]`` with weight 0 and no active step).
+  """
+  selected = list(selected)
+  plans, ids = [], []
+  for cid in selected:
+    rng = np.random.default_rng([seed, round_index, int(cid)])
+    plans.append(client.make_batch_plan(int(sizes[cid]), max_size, epochs, batch_size, rng))
+    ids.append(int(cid))
+  empty = client.BatchPlan(np.zeros_like(plans[0].idx), np.zeros_like(plans[0].weight),
+                           np.zeros_like(plans[0].active))
+  while len(ids) < pad_to:
+    plans.append(empty)
+    ids.append(selected[0])
+  n = np.asarray([sizes[c] for c in selected], np.float64)
+  weights = np.zeros(pad_to, np.float64)
+  weights[:len(selected)] = n / n.sum()
+  plan = client.BatchPlan(*(np.stack(x) for x in zip(*plans)))
+  round_key = jax.random.fold_in(aug_key, round_index)
+  keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.asarray(ids))
+  return RoundInputs(None, None, plan, keys, weights), np.asarray(ids)
+
+
+def upload_bytes(variables: PyTree) -> int:
+  """Bytes one client uploads per round: its parameters and BN statistics, nothing else."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables)))

@@ -1,0 +1,61 @@
+"""The device mesh and the shardings every stage uses; multi-host start-up.
+
+One mesh serves all stages. Stage 2 shards the *client* axis of stacked client state over
+the ``clients`` mesh axis (1 device, 8 simulated CPU devices or 8 GPUs run the same
+program); the server-side teachers shard their frozen weights over a ``model`` axis.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+CLIENTS = "clients"
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts multi-host JAX when a launcher says so (SLURM, TPU pod, or explicit env vars).
+
+  ``jax.distributed.initialize()`` auto-detects SLURM and Cloud TPU; elsewhere set
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  (see ``launch/``). Single-process runs skip it.
+  """
+  if os.environ.get("FEDLLAVA_DISTRIBUTED", "0") != "1":
+    return
+  if jax.distributed.is_initialized():
+    return
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if addr:
+    jax.distributed.initialize(addr, int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
+def create_client_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` devices (all by default), axis ``clients``."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise ValueError(f"config.mesh.num_devices={num_devices} but only {len(devices)} devices "
+                       "are visible; lower it or leave it 0 to use all.")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (CLIENTS,))
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (client or batch) axis split over the mesh."""
+  return NamedSharding(mesh, P(CLIENTS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same array on every device (global model, server state)."""
+  return NamedSharding(mesh, P())
+
+
+def pad_to_multiple(n: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh size that is >= n."""
+  d = mesh.size
+  return -(-n // d) * d

@@ -1,0 +1,227 @@
+"""Oracles for the federated round: vmapped + scanned + padded + sharded = a plain loop.
+
+Whole rounds are compared in float64 (two correct float32 implementations of BN training
+drift apart by ~1e-4 after a few steps; DESIGN.md, "The CReFF protocol").
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fedllava import algorithms, client, rounds, sharding
+from fedllava.models import resnet
+
+SIZES = np.array([11, 5, 8])  # unequal clients; batch 4 gives partial batches
+BATCH, EPOCHS, LR = 4, 2, 0.1
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def _model(dtype="float64"):
+  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=4, dtype=dtype))
+  return resnet.create_model(cfg, num_classes=3)
+
+
+def _setup(dtype="float64"):
+  model = _model(dtype)
+  rng = np.random.default_rng(0)
+  n_max = int(SIZES.max())
+  images = rng.integers(0, 256, (len(SIZES), n_max, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 3, (len(SIZES), n_max)).astype(np.int32)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  variables = jax.tree.map(lambda x: x.astype(dtype), variables)
+  # Non-trivial running statistics so their averaging is visible.
+  variables["batch_stats"] = jax.tree.map(lambda x: x + 0.1, variables["batch_stats"])
+  return model, images, labels, variables
+
+
+def _trainer(model, algorithm, per_batch=False):
+  return client.create_local_trainer(model, algorithm, learning_rate=LR, mean=MEAN, std=STD,
+                                     crop_padding=1, flip=True, per_batch_augment=per_batch)
+
+
+def _inputs(images, labels, selected, pad_to, seed=3, round_index=0):
+  inputs, ids = rounds.build_round_inputs(
+      selected, SIZES, int(SIZES.max()), epochs=EPOCHS, batch_size=BATCH, seed=seed,
+      round_index=round_index, pad_to=pad_to, aug_key=jax.random.PRNGKey(7))
+  return inputs._replace(images=jnp.asarray(images[ids]), labels=jnp.asarray(labels[ids]),
+                         weights=jnp.asarray(inputs.weights)), ids
+
+
+def _loop_round(trainer, variables, images, labels, inputs, ids, n_real):
+  """The oracle: each client alone, only its real steps, unpadded partial batches."""
+  step = jax.jit(trainer.step)
+  results = []
+  for c in range(n_real):
+    carry = trainer.init_carry(variables)
+    for s in np.nonzero(np.asarray(inputs.plan.active[c]))[0]:
+      m = int(inputs.plan.weight[c, s].sum())
+      idx = jnp.asarray(inputs.plan.idx[c, s, :m])
+      key = jax.random.fold_in(inputs.keys[c], int(s))
+      carry, _ = step(carry, jnp.asarray(images[ids[c]]), jnp.asarray(labels[ids[c]]),
+                      variables["params"], idx, jnp.ones(m, jnp.float64), True, key)
+    results.append({"params": carry[0], "batch_stats": carry[1]})
+  w = np.asarray(inputs.weights[:n_real])
+  return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *results)
+
+
+def _assert_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_vmapped_round_equals_per_client_loop(x64, strategy):
+  model, images, labels, variables = _setup()
+  algo = algorithms.fedavg.create()
+  trainer = _trainer(model, algo)
+  mesh = sharding.create_client_mesh(1)
+  inputs, ids = _inputs(images, labels, [0, 1, 2], pad_to=3)
+  round_fn = rounds.create_round_fn(trainer, algo, mesh, strategy)
+  copy = jax.tree.map(jnp.array, variables)
+  new, _, metrics = round_fn(copy, algo.server_optimizer.init(variables["params"]), inputs)
+  expected = _loop_round(trainer, variables, images, labels, inputs, ids, 3)
+  _assert_close(new, expected, 1e-10)
+  # Unequal sizes really give unequal step counts: ceil(n / 4) * epochs.
+  np.testing.assert_array_equal(metrics["train/client_steps"], [6, 4, 4])
+  # Training moved the model.
+  assert np.abs(np.asarray(new["params"]["classifier"]["kernel"])
+                - np.asarray(variables["params"]["classifier"]["kernel"])).max() > 1e-4
+
+
+def test_round_on_8_devices_equals_1_device(x64):
+  assert len(jax.devices()) >= 8, "tests/conftest.py should simulate 8 CPU devices"
+  model, images, labels, variables = _setup()
+  algo = algorithms.fedavg.create()
+  trainer = _trainer(model, algo)
+  outs = []
+  for n_dev in (1, 8):
+    mesh = sharding.create_client_mesh(n_dev)
+    inputs, _ = _inputs(images, labels, [0, 1, 2], pad_to=sharding.pad_to_multiple(3, mesh))
+    fn = rounds.create_round_fn(trainer, algo, mesh, "vmap")
+    v = jax.tree.map(jnp.array, variables)
+    outs.append(fn(v, algo.server_optimizer.init(v["params"]), inputs)[0])
+  _assert_close(outs[0], outs[1], 1e-10)
+
+
+def test_group_strategy_and_padding_clients_change_nothing(x64):
+  model, images, labels, variables = _setup()
+  algo = algorithms.fedavg.create()
+  trainer = _trainer(model, algo)
+  mesh = sharding.create_client_mesh(1)
+  a, _ = _inputs(images, labels, [0, 1, 2], pad_to=3)
+  b, _ = _inputs(images, labels, [0, 1, 2], pad_to=4)  # one padding client
+  state = algo.server_optimizer.init(variables["params"])
+  out_a = rounds.create_round_fn(trainer, algo, mesh, "vmap")(
+      jax.tree.map(jnp.array, variables), state, a)[0]
+  out_b = rounds.create_round_fn(trainer, algo, mesh, "group", group_size=2)(
+      jax.tree.map(jnp.array, variables), state, b)[0]
+  _assert_close(out_a, out_b, 1e-10)
+
+
+def test_masked_step_changes_nothing(x64):
+  model, images, labels, variables = _setup()
+  trainer = _trainer(model, algorithms.fedavg.create())
+  carry = trainer.init_carry(variables)
+  # Give the optimizer state something to lose: a momentum-free SGD has an empty state, so
+  # check a real step first changes params and stats, then a masked one does not.
+  idx = jnp.arange(BATCH)
+  args = (jnp.asarray(images[0]), jnp.asarray(labels[0]), variables["params"], idx,
+          jnp.ones(BATCH), )
+  moved, _ = trainer.step(carry, *args, True, jax.random.PRNGKey(1))
+  kept, loss = trainer.step(moved, *args, False, jax.random.PRNGKey(2))
+  _assert_close(kept, moved, 0.0)
+  assert float(loss) == 0.0
+  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), moved[:2], carry[:2])
+  assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_partial_batch_is_a_step_on_its_examples_only(x64):
+  """A padded batch with weights [1,1,1,0] equals an unpadded batch of 3: loss and BN stats."""
+  model, images, labels, variables = _setup()
+  trainer = _trainer(model, algorithms.fedavg.create())
+  carry = trainer.init_carry(variables)
+  key = jax.random.PRNGKey(5)
+  im, lb = jnp.asarray(images[0]), jnp.asarray(labels[0])
+  padded, lp = trainer.step(carry, im, lb, variables["params"], jnp.array([3, 1, 7, 0]),
+                            jnp.array([1.0, 1.0, 1.0, 0.0]), True, key)
+  plain, l3 = trainer.step(carry, im, lb, variables["params"], jnp.array([3, 1, 7]),
+                           jnp.ones(3), True, key)
+  _assert_close(padded, plain, 1e-12)
+  np.testing.assert_allclose(lp, l3, atol=1e-12)
+
+
+def _one_round(algo, variables, images, labels, selected=(0, 1, 2)):
+  trainer = _trainer(_model(), algo)
+  mesh = sharding.create_client_mesh(1)
+  inputs, _ = _inputs(images, labels, list(selected), pad_to=len(selected))
+  fn = rounds.create_round_fn(trainer, algo, mesh, "vmap")
+  v = jax.tree.map(jnp.array, variables)
+  return fn(v, algo.server_optimizer.init(v["params"]), inputs)[0]
+
+
+def test_fedprox_mu0_and_fedavgm_momentum0_equal_fedavg(x64):
+  _, images, labels, variables = _setup()
+  ref = _one_round(algorithms.fedavg.create(), variables, images, labels)
+  _assert_close(_one_round(algorithms.fedprox.create(0.0), variables, images, labels), ref, 1e-12)
+  _assert_close(_one_round(algorithms.fedavgm.create(0.0), variables, images, labels), ref, 1e-12)
+  # And the knobs do something when turned on.
+  prox = _one_round(algorithms.fedprox.create(10.0), variables, images, labels)
+  assert not np.allclose(prox["params"]["classifier"]["kernel"], ref["params"]["classifier"]["kernel"])
+
+
+def test_fednova_equals_fedavg_when_step_counts_are_equal(x64):
+  _, images, labels, variables = _setup()
+  # Clients 1 and 2 have 5 and 8 examples: 2 steps per epoch each.
+  ref = _one_round(algorithms.fedavg.create(), variables, images, labels, (1, 2))
+  nova = _one_round(algorithms.fednova.create(), variables, images, labels, (1, 2))
+  _assert_close(nova, ref, 1e-12)
+
+
+def test_fednova_server_rule_by_hand(x64):
+  g = {"w": jnp.array([1.0, 2.0])}
+  c = {"w": jnp.array([[0.0, 2.0], [1.0, 0.0]])}
+  p = jnp.array([0.25, 0.75])
+  tau = jnp.array([1, 4])
+  algo = algorithms.fednova.create()
+  new, _ = algorithms.server_update(algo, g, algo.server_optimizer.init(g), c, p, tau)
+  # d_1 = (1, 0)/1, d_2 = (0, 2)/4; tau_eff = 0.25 + 3 = 3.25;
+  # w = g - 3.25 * (0.25 * (1, 0) + 0.75 * (0, 0.5)) = (1 - 0.8125, 2 - 1.21875)
+  np.testing.assert_allclose(new["w"], [0.1875, 0.78125], atol=1e-12)
+
+
+def test_fedavgm_momentum_by_hand(x64):
+  g = {"w": jnp.array([1.0])}
+  algo = algorithms.fedavgm.create(0.5, server_lr=1.0)
+  state = algo.server_optimizer.init(g)
+  w = jnp.array([1.0])
+  g1, state = algorithms.server_update(algo, g, state, {"w": jnp.array([[0.0]])}, w, jnp.array([1]))
+  np.testing.assert_allclose(g1["w"], [0.0])  # v = 1
+  g2, _ = algorithms.server_update(algo, g1, state, {"w": jnp.array([[0.0]])}, w, jnp.array([1]))
+  np.testing.assert_allclose(g2["w"], [-0.5])  # v = 0.5 * 1 + 0
+
+
+def test_batch_plan_covers_each_example_once_per_epoch():
+  plan = client.make_batch_plan(11, 20, 3, 4, np.random.default_rng(0))
+  assert plan.idx.shape == (15, 4) and plan.active.sum() == 9
+  per_epoch = plan.idx.reshape(3, 5, 4)
+  w = plan.weight.reshape(3, 5, 4)
+  for e in range(3):
+    seen = per_epoch[e][w[e] > 0]
+    assert sorted(seen.tolist()) == list(range(11))
+  with pytest.raises(ValueError, match="no examples"):
+    client.make_batch_plan(0, 20, 1, 4, np.random.default_rng(0))
+
+
+def test_sample_clients_is_creff_sequence_and_resumable():
+  rs = np.random.RandomState(4)
+  seq = [np.sort(rs.choice(range(20), 8, replace=False)) for _ in range(3)]
+  for r in range(3):
+    np.testing.assert_array_equal(rounds.sample_clients(4, r, 20, 8), seq[r])
