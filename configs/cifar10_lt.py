@@ -8,15 +8,9 @@
 ResNet-8 (CReFF's scaling 4). Paper Table 2 FedAvg baseline: 56.17 / 59.36 / 77.45 top-1 at
 IF 100 / 50 / 10 (reported by CReFF; not rerun here: that needs a GPU and the CIFAR download).
 """
+
 from fedllava import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, **{"if": 100.0, "algo": "fedavg", "rounds": 200})
-  c = config_lib.base_config()
-  c.name = f"cifar10_lt_if{a['if']:g}_{a.algo}"
-  c.data.name = "cifar10"
-  c.data.imbalance_factor = a["if"]
-  c.fl.algorithm = a.algo
-  c.fl.rounds = a.rounds
-  return c
+  return config_lib.cifar_lt_config("cifar10", arg)

@@ -7,6 +7,7 @@ split CReFF-style over 20 clients (Dirichlet 0.5), FedAvg with 8 clients a round
 ResNet-8. No pretrained CLIP/LLaVA can be downloaded here, so this default runs stage 2 only.
 Variants: ``:if=50``, ``:algo=fedprox``, ``:rounds=5``, ``:tiny`` (CI-sized).
 """
+
 from fedllava import config as config_lib
 
 
@@ -16,8 +17,8 @@ def get_config(arg=None):
   c.name = "digits_lt"
   c.data.name = "digits"
   c.data.imbalance_factor = a["if"]
-  c.data.crop_padding = 1        # 8x8 images: pad 1 (CIFAR's 4 on 32x32)
-  c.data.flip = False            # flipping changes digit identity (2 vs 5 etc.)
+  c.data.crop_padding = 1  # 8x8 images: pad 1 (CIFAR's 4 on 32x32)
+  c.data.flip = False  # flipping changes digit identity (2 vs 5 etc.)
   c.model.width = 16
   c.fl.algorithm = a.algo
   c.fl.rounds = a.rounds

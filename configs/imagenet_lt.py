@@ -8,6 +8,7 @@ error. ImageNet-LT is long-tailed already (1280..5 images a class): imbalance_fa
 as it is. Client data is gathered on the host each round (placement=host): it does not fit
 replicated on a device.
 """
+
 from fedllava import config as config_lib
 
 
@@ -19,7 +20,7 @@ def get_config(arg=None):
   c.data.image_size = a.size
   c.data.imbalance_factor = 1.0
   c.data.dirichlet_alpha = 0.1
-  c.data.crop_padding = 0        # ImageNet images: no CIFAR-style pad-and-crop
+  c.data.crop_padding = 0  # ImageNet images: no CIFAR-style pad-and-crop
   c.data.placement = "host"
   c.model.name = "resnet50"
   c.fl.algorithm = a.algo

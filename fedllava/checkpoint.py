@@ -5,6 +5,7 @@ killed mid-save keeps its previous checkpoint. A rerun of the same command finds
 step and continues; because every random choice is derived from the config seed and the
 round number, the resumed run ends with the same parameters as one never interrupted.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,21 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fedllava import fileio
+
 # Fields that may differ between a run and its resumption (how long, how often, where).
-_RESUMABLE_CHANGES = ("fl.rounds", "checkpoint.", "eval.", "mesh.", "fl.client_parallelism",
-                      "fl.group_size", "data.placement", "workdir", "data.data_dir",
-                      "data.manual_dir")
+_RESUMABLE_CHANGES = (
+  "fl.rounds",
+  "checkpoint.",
+  "eval.",
+  "mesh.",
+  "fl.client_parallelism",
+  "fl.group_size",
+  "data.placement",
+  "workdir",
+  "data.data_dir",
+  "data.manual_dir",
+)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -42,19 +54,19 @@ def check_config(workdir: str, config) -> None:
     with open(path) as f:
       saved = _flatten(json.load(f))
     now = _flatten(current)
-    changed = sorted(k for k in set(saved) | set(now)
-                     if saved.get(k) != now.get(k)
-                     and not any(k.startswith(p) for p in _RESUMABLE_CHANGES))
+    changed = sorted(
+      k
+      for k in set(saved) | set(now)
+      if saved.get(k) != now.get(k) and not any(k.startswith(p) for p in _RESUMABLE_CHANGES)
+    )
     if changed:
-      raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
-                       "resuming would mix two experiments. Use a new --workdir, or restore "
-                       "those fields.")
+      raise ValueError(
+        f"{workdir} holds a run with a different config ({', '.join(changed)}); "
+        "resuming would mix two experiments. Use a new --workdir, or restore "
+        "those fields."
+      )
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, config.to_json_best_effort(indent=2))
 
 
 class Checkpointer:
@@ -62,9 +74,11 @@ class Checkpointer:
 
   def __init__(self, directory: str, every: int, keep: int):
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True, enable_async_checkpointing=False))
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=every, create=True, enable_async_checkpointing=False
+      ),
+    )
 
   def latest_round(self) -> int | None:
     """The last completed round that was saved, or None."""
@@ -72,14 +86,21 @@ class Checkpointer:
 
   def save(self, round_index: int, state: Any, meta: dict, force: bool = False) -> bool:
     """Saves after round ``round_index`` if the interval says so (or ``force``)."""
-    return self._manager.save(round_index, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    return self._manager.save(
+      round_index,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=force,
+    )
 
   def restore(self, round_index: int, like: Any) -> tuple[Any, dict]:
     """Restores the state (shaped and sharded like ``like``) and the metadata."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = self._manager.restore(round_index, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    out = self._manager.restore(
+      round_index,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
     return out.state, dict(out.meta)
 
   def close(self) -> None:

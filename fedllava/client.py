@@ -12,6 +12,7 @@ steps, so every client runs the same program (Eq. 3, ``w <- w - eta * grad L_loc
 * a partial batch of ``m`` examples is a full SGD step on those ``m``: the mean loss over
   them, and BN batch statistics over them only.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,9 @@ PyTree = Any
 class BatchPlan(NamedTuple):
   """Which examples each local step sees. Leading axis: steps (or clients, then steps)."""
 
-  idx: np.ndarray      # [S, B] int32 indices into the client's padded data
-  weight: np.ndarray   # [S, B] float32, 1 for a real example, 0 for padding
-  active: np.ndarray   # [S] bool, False for the steps that only pad the scan
+  idx: np.ndarray  # [S, B] int32 indices into the client's padded data
+  weight: np.ndarray  # [S, B] float32, 1 for a real example, 0 for padding
+  active: np.ndarray  # [S] bool, False for the steps that only pad the scan
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -38,8 +39,9 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return math.ceil(num_examples / batch_size)
 
 
-def make_batch_plan(num_examples: int, max_examples: int, epochs: int, batch_size: int,
-                    rng: np.random.Generator) -> BatchPlan:
+def make_batch_plan(
+  num_examples: int, max_examples: int, epochs: int, batch_size: int, rng: np.random.Generator
+) -> BatchPlan:
   """Plans ``epochs`` shuffled passes over ``num_examples`` examples, padded to ``max_examples``.
 
   Each epoch draws a fresh permutation; its batches are consecutive slices of ``batch_size``
@@ -47,8 +49,10 @@ def make_batch_plan(num_examples: int, max_examples: int, epochs: int, batch_siz
   ``steps_per_epoch(max_examples)`` so all clients share the plan's shape.
   """
   if num_examples <= 0:
-    raise ValueError("a client with no examples cannot train; use fewer clients or a larger "
-                     "Dirichlet alpha (config.data.dirichlet_alpha).")
+    raise ValueError(
+      "a client with no examples cannot train; use fewer clients or a larger "
+      "Dirichlet alpha (config.data.dirichlet_alpha)."
+    )
   slots = steps_per_epoch(max_examples, batch_size)
   idx = np.zeros((epochs, slots, batch_size), np.int32)
   weight = np.zeros((epochs, slots, batch_size), np.float32)
@@ -56,17 +60,20 @@ def make_batch_plan(num_examples: int, max_examples: int, epochs: int, batch_siz
   for e in range(epochs):
     perm = rng.permutation(num_examples)
     for j in range(steps_per_epoch(num_examples, batch_size)):
-      chunk = perm[j * batch_size:(j + 1) * batch_size]
-      idx[e, j, :len(chunk)] = chunk
-      weight[e, j, :len(chunk)] = 1.0
+      chunk = perm[j * batch_size : (j + 1) * batch_size]
+      idx[e, j, : len(chunk)] = chunk
+      weight[e, j, : len(chunk)] = 1.0
       active[e, j] = True
-  return BatchPlan(idx.reshape(-1, batch_size), weight.reshape(-1, batch_size),
-                   active.reshape(-1))
+  return BatchPlan(idx.reshape(-1, batch_size), weight.reshape(-1, batch_size), active.reshape(-1))
 
 
-def augment(images: jax.Array, key: jax.Array, padding: int, flip: bool,
-            per_batch: bool) -> jax.Array:
+def augment(
+  images: jax.Array, key: jax.Array, padding: int, flip: bool, per_batch: bool
+) -> jax.Array:
   """Random crop (zero padding) and horizontal flip, on device.
+
+  The images are already normalised, so the padding is zero in normalised space (the mean
+  colour), as in CReFF, which applies its transforms after normalisation.
 
   Args:
     images: normalised images ``[B, H, W, C]``.
@@ -103,13 +110,24 @@ def augment(images: jax.Array, key: jax.Array, padding: int, flip: bool,
 class LocalTrainer(NamedTuple):
   """The pure functions of local training for one client (vmap them for many)."""
 
-  step: Callable        # (carry, images, labels, global_params, idx, weight, active, key) -> (carry, loss)
+  step: (
+    Callable  # (carry, images, labels, global_params, idx, weight, active, key) -> (carry, loss)
+  )
   init_carry: Callable  # (variables) -> carry
-  train: Callable       # (variables, images, labels, plan: BatchPlan, key) -> (variables, metrics)
+  train: Callable  # (variables, images, labels, plan: BatchPlan, key) -> (variables, metrics)
 
 
-def create_local_trainer(model, algorithm, *, learning_rate: float, mean, std,
-                         crop_padding: int, flip: bool, per_batch_augment: bool) -> LocalTrainer:
+def create_local_trainer(
+  model,
+  algorithm,
+  *,
+  learning_rate: float,
+  mean,
+  std,
+  crop_padding: int,
+  flip: bool,
+  per_batch_augment: bool,
+) -> LocalTrainer:
   """Builds the local SGD step and the scanned local training of one client.
 
   Args:
@@ -127,8 +145,9 @@ def create_local_trainer(model, algorithm, *, learning_rate: float, mean, std,
   std = jnp.asarray(std, jnp.float32)
 
   def loss_fn(params, batch_stats, global_params, x, y, w):
-    out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                mask=w, mutable=["batch_stats"])
+    out, new_vars = model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mask=w, mutable=["batch_stats"]
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], y)
     loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0)
     loss = loss + algorithm.local_penalty(params, global_params)
@@ -142,7 +161,8 @@ def create_local_trainer(model, algorithm, *, learning_rate: float, mean, std,
     x = (images[idx].astype(jnp.float32) / 255.0 - mean) / std
     x = augment(x, key, crop_padding, flip, per_batch_augment)
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype))
+      params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype)
+    )
     updates, new_opt = tx.update(grads, opt_state, params)
     new_carry = (optax.apply_updates(params, updates), new_stats, new_opt)
     carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_carry, carry)
@@ -157,7 +177,8 @@ def create_local_trainer(model, algorithm, *, learning_rate: float, mean, std,
       return step(carry, images, labels, global_params, idx, weight, active, k)
 
     (params, stats, _), losses = jax.lax.scan(
-        body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys))
+      body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys)
+    )
     num_steps = jnp.sum(plan.active.astype(jnp.int32))
     metrics = {"loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}
     return {"params": params, "batch_stats": stats}, metrics

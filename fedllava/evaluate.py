@@ -8,12 +8,13 @@ classes' accuracies.
 Pure numpy and matplotlib (Agg, no display); every figure is written atomically (temporary file in
 the target directory, then `os.replace`), so a killed run never leaves a half-written PNG.
 """
+
 import math
-import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
+
+from fedllava import fileio
 
 MANY_MIN = 100  # many: count > MANY_MIN
 FEW_MAX = 20  # few: count < FEW_MAX; medium: FEW_MAX <= count <= MANY_MIN
@@ -74,27 +75,31 @@ def classification_report(labels, preds, num_classes: int, train_class_counts) -
     bad = (a < 0) | (a >= num_classes)
     if bad.any():
       i = int(np.argmax(bad))
-      raise ValueError(f"{name}[{i}] = {a[i]} is outside [0, {num_classes}) "
-                       f"({int(bad.sum())} out-of-range values)")
+      raise ValueError(
+        f"{name}[{i}] = {a[i]} is outside [0, {num_classes}) ({int(bad.sum())} out-of-range values)"
+      )
   counts = _as_int_vector(train_class_counts, "train_class_counts")
   if counts.size != num_classes:
     raise ValueError(f"train_class_counts has {counts.size} entries, expected {num_classes}")
   if (counts < 0).any():
     raise ValueError("train_class_counts must be non-negative")
 
-  confusion = np.bincount(labels * num_classes + preds,
-                          minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+  confusion = np.bincount(
+    labels * num_classes + preds, minlength=num_classes * num_classes
+  ).reshape(num_classes, num_classes)
   support = confusion.sum(axis=1)
   correct = np.diag(confusion)
-  per_class = [100.0 * float(correct[c]) / float(support[c]) if support[c] else None
-               for c in range(num_classes)]
+  per_class = [
+    100.0 * float(correct[c]) / float(support[c]) if support[c] else None
+    for c in range(num_classes)
+  ]
   seen = [a for a in per_class if a is not None]
   report = {
-      "top1": 100.0 * float(correct.sum()) / float(labels.size),
-      "mean_per_class": float(np.mean(seen)),
-      "per_class": per_class,
-      "num_examples": int(labels.size),
-      "confusion": confusion,
+    "top1": 100.0 * float(correct.sum()) / float(labels.size),
+    "mean_per_class": float(np.mean(seen)),
+    "per_class": per_class,
+    "num_examples": int(labels.size),
+    "confusion": confusion,
   }
   groups = [_group_of(int(n)) for n in counts]
   for g in GROUPS:
@@ -128,13 +133,17 @@ def format_report(report: dict, class_names: Optional[Sequence[str]] = None) -> 
     names = [str(n) for n in class_names]
   else:
     names = [f"class {c}" for c in range(num_classes)]
-  lines = [f"Test accuracy (%) on {report['num_examples']} examples, {num_classes} classes",
-           f"  {'group':<8}{'classes':>8}{'acc':>9}",
-           f"  {'top-1':<8}{num_classes:>8}  {_fmt(report['top1'])}"]
+  lines = [
+    f"Test accuracy (%) on {report['num_examples']} examples, {num_classes} classes",
+    f"  {'group':<8}{'classes':>8}{'acc':>9}",
+    f"  {'top-1':<8}{num_classes:>8}  {_fmt(report['top1'])}",
+  ]
   for g in GROUPS:
     lines.append(f"  {g:<8}{report[f'num_classes_{g}']:>8}  {_fmt(report[g])}")
-  lines.append(f"  (many: >{MANY_MIN} training images, medium: {FEW_MAX}-{MANY_MIN}, "
-               f"few: <{FEW_MAX}; mean per-class acc {report['mean_per_class']:.2f})")
+  lines.append(
+    f"  (many: >{MANY_MIN} training images, medium: {FEW_MAX}-{MANY_MIN}, "
+    f"few: <{FEW_MAX}; mean per-class acc {report['mean_per_class']:.2f})"
+  )
   width = max(len(n) for n in names)
   if num_classes <= _TICKS_MAX:
     lines.append("  per class:")
@@ -147,25 +156,15 @@ def format_report(report: dict, class_names: Optional[Sequence[str]] = None) -> 
 
 
 def _atomic_savefig(fig, path: str) -> None:
-  """Saves a matplotlib figure as PNG to `path` via a temporary file in the same directory."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Saves a matplotlib figure as PNG to ``path`` atomically."""
+  with fileio.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png")
 
 
 def _new_figure(width: float, height: float, dpi: int = 100):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
   FigureCanvasAgg(fig)  # Agg: no display, no pyplot global state
   return fig
@@ -232,8 +231,15 @@ def save_confusion_png(confusion, path: str, class_names: Optional[Sequence[str]
       for (r, c), v in np.ndenumerate(matrix):
         text = f"{int(v)}" if limits is None else f"{v:.2f}"
         dark = v > 0.5 * vmax
-        ax.text(c, r, text, ha="center", va="center", fontsize=fontsize,
-                color="white" if dark else "black")
+        ax.text(
+          c,
+          r,
+          text,
+          ha="center",
+          va="center",
+          fontsize=fontsize,
+          color="white" if dark else "black",
+        )
   _atomic_savefig(fig, path)
 
 
@@ -270,9 +276,11 @@ def save_curve_png(history: Sequence[dict], path: str) -> None:
   for i, (series, ylabel) in enumerate(panels):
     ax = fig.add_subplot(1, len(panels), i + 1)
     for key in series:
-      points = [(row[x_key], row[key]) for row in history
-                if x_key in row and key in row and row[key] is not None
-                and math.isfinite(float(row[key]))]
+      points = [
+        (row[x_key], row[key])
+        for row in history
+        if x_key in row and key in row and row[key] is not None and math.isfinite(float(row[key]))
+      ]
       if points:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="." if len(points) <= 50 else None, label=key)

@@ -3,6 +3,7 @@
 Runs ``config.stages`` in order; rerunning the same command resumes from ``workdir``.
 Overrides: ``--config.fl.rounds=5``; variants: ``--config=configs/cifar10_lt.py:if=50``.
 """
+
 import os
 
 from absl import app, flags, logging
@@ -10,8 +11,9 @@ from ml_collections import config_flags
 
 from fedllava import federate, sharding
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config name>).")
 
 STAGE_RUNNERS = {"federate": federate.run}

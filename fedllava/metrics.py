@@ -10,36 +10,22 @@ with `resume_step=s` drops the jsonl rows with step > s (atomic rewrite) and wri
 `SessionLog.START` at step s + 1, which makes TensorBoard discard the orphaned events, as TensorFlow's
 own writers do after a restart.
 """
+
 import csv
 import io
 import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from typing import Mapping, Optional
+
+from fedllava import fileio
 
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
 TB_DIR = "tb"
 _RESERVED = ("step", "wall_time")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file in the same directory and `os.replace`."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _read_jsonl(path: str) -> tuple[list[dict], bool]:
@@ -107,8 +93,14 @@ class MetricWriter:
       process 0 of a multi-host run).
   """
 
-  def __init__(self, workdir: str, resume_step: Optional[int] = None, *,
-               tensorboard: bool = True, active: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    resume_step: Optional[int] = None,
+    *,
+    tensorboard: bool = True,
+    active: bool = True,
+  ):
     self.workdir = os.fspath(workdir)
     self.active = active
     self._jsonl_path = os.path.join(self.workdir, JSONL)
@@ -122,18 +114,23 @@ class MetricWriter:
     rows, clean = _read_jsonl(self._jsonl_path)
     kept = rows if resume_step is None else [r for r in rows if r["step"] <= resume_step]
     if len(kept) != len(rows) or not clean:
-      _atomic_write_text(self._jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
+      fileio.atomic_write_text(self._jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
     self._rewrite_csv(kept)
     self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboard.compat.proto import event_pb2
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
       self._tb = EventFileWriter(os.path.join(self.workdir, TB_DIR))
       if resume_step is not None:
         # TensorBoard purges events with step >= this one from earlier files (orphaned data).
-        self._tb.add_event(event_pb2.Event(
-            wall_time=time.time(), step=int(resume_step) + 1,
-            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._tb.add_event(
+          event_pb2.Event(
+            wall_time=time.time(),
+            step=int(resume_step) + 1,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+          )
+        )
         self._tb.flush()
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -161,8 +158,10 @@ class MetricWriter:
     self._append_csv(row)
     if self._tb is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2
-      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
-                                           for k, v in values.items()])
+
+      summary = summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+      )
       self._tb.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
       self._tb.flush()
 
@@ -183,7 +182,7 @@ class MetricWriter:
     w = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_text(self._csv_path, buf.getvalue())
+    fileio.atomic_write_text(self._csv_path, buf.getvalue())
     self._csv_keys = keys
 
   def _append_csv(self, row: dict) -> None:

@@ -11,6 +11,7 @@ benchmark to pick): ``vmap`` (all local clients at once; per-client conv kernels
 grouped convolutions), ``map`` (``lax.map``: one client after another), ``group``
 (``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
@@ -18,7 +19,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fedllava import algorithms, client, sharding
 
@@ -29,11 +31,11 @@ STRATEGIES = ("vmap", "map", "group")
 class RoundInputs(NamedTuple):
   """Everything stacked on the client axis for one round."""
 
-  images: Any          # [M, N_max, H, W, C] uint8
-  labels: Any          # [M, N_max] int32
+  images: Any  # [M, N_max, H, W, C] uint8
+  labels: Any  # [M, N_max] int32
   plan: client.BatchPlan  # idx/weight [M, S, B], active [M, S]
-  keys: Any            # [M] PRNG keys (augmentation)
-  weights: Any         # [M] float32, |D_k| / sum |D_k|, 0 for padding clients
+  keys: Any  # [M] PRNG keys (augmentation)
+  weights: Any  # [M] float32, |D_k| / sum |D_k|, 0 for padding clients
 
 
 def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
@@ -48,17 +50,25 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
     n = images.shape[0]
     g = min(group_size, n)
     if n % g:
-      raise ValueError(f"config.fl.group_size={group_size} must divide the clients per device ({n}).")
-    grouped = jax.tree.map(lambda x: x.reshape((n // g, g) + x.shape[1:]),
-                           (images, labels, plan, keys))
+      raise ValueError(
+        f"config.fl.group_size={group_size} must divide the clients per device ({n})."
+      )
+    grouped = jax.tree.map(
+      lambda x: x.reshape((n // g, g) + x.shape[1:]), (images, labels, plan, keys)
+    )
     out = jax.lax.map(lambda a: jax.vmap(f)(*a), grouped)
     return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
   return per_client
 
 
-def create_round_fn(trainer: client.LocalTrainer, algorithm: algorithms.FLAlgorithm,
-                    mesh: Mesh, strategy: str = "vmap", group_size: int = 1) -> Callable:
+def create_round_fn(
+  trainer: client.LocalTrainer,
+  algorithm: algorithms.FLAlgorithm,
+  mesh: Mesh,
+  strategy: str = "vmap",
+  group_size: int = 1,
+) -> Callable:
   """Builds ``round_fn(variables, server_state, inputs) -> (variables, server_state, metrics)``.
 
   Local training: Eq. 3 on every sampled client. Aggregation: the algorithm's server update
@@ -70,23 +80,36 @@ def create_round_fn(trainer: client.LocalTrainer, algorithm: algorithms.FLAlgori
     raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
   c = sharding.CLIENTS
   clients_fn = jax.shard_map(
-      _run_clients(trainer.train, strategy, group_size), mesh=mesh,
-      in_specs=(P(), P(c), P(c), P(c), P(c)), out_specs=P(c), check_vma=False)
+    _run_clients(trainer.train, strategy, group_size),
+    mesh=mesh,
+    in_specs=(P(), P(c), P(c), P(c), P(c)),
+    out_specs=P(c),
+    check_vma=False,
+  )
 
   def round_fn(variables, server_state, inputs: RoundInputs):
     client_vars, m = clients_fn(variables, inputs.images, inputs.labels, inputs.plan, inputs.keys)
     params, server_state = algorithms.server_update(
-        algorithm, variables["params"], server_state, client_vars["params"], inputs.weights,
-        m["num_steps"])
+      algorithm,
+      variables["params"],
+      server_state,
+      client_vars["params"],
+      inputs.weights,
+      m["num_steps"],
+    )
     stats = algorithms.base.weighted_mean(client_vars["batch_stats"], inputs.weights)
-    metrics = {"train/loss": jnp.sum(inputs.weights * m["loss"]),
-               "train/client_loss": m["loss"], "train/client_steps": m["num_steps"]}
+    metrics = {
+      "train/loss": jnp.sum(inputs.weights * m["loss"]),
+      "train/client_loss": m["loss"],
+      "train/client_steps": m["num_steps"],
+    }
     return {"params": params, "batch_stats": stats}, server_state, metrics
 
   repl = sharding.replicated(mesh)
   cs = sharding.client_sharding(mesh)
-  return jax.jit(round_fn, in_shardings=(repl, repl, cs), out_shardings=(repl, repl, repl),
-                 donate_argnums=(0, 1))
+  return jax.jit(
+    round_fn, in_shardings=(repl, repl, cs), out_shardings=(repl, repl, repl), donate_argnums=(0, 1)
+  )
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
@@ -101,9 +124,18 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
   return np.sort(rs.choice(range(num_clients), per_round, replace=False))
 
 
-def build_round_inputs(selected: Sequence[int], sizes: np.ndarray, max_size: int, *, epochs: int,
-                       batch_size: int, seed: int, round_index: int, pad_to: int,
-                       aug_key: jax.Array) -> tuple[RoundInputs, np.ndarray]:
+def build_round_inputs(
+  selected: Sequence[int],
+  sizes: np.ndarray,
+  max_size: int,
+  *,
+  epochs: int,
+  batch_size: int,
+  seed: int,
+  round_index: int,
+  pad_to: int,
+  aug_key: jax.Array,
+) -> tuple[RoundInputs, np.ndarray]:
   """Batch plans, keys and FedAvg weights for the selected clients, padded to ``pad_to``.
 
   Returns ``(inputs, client_ids)`` where ``inputs.images``/``labels`` are left as None for the
@@ -116,14 +148,15 @@ def build_round_inputs(selected: Sequence[int], sizes: np.ndarray, max_size: int
     rng = np.random.default_rng([seed, round_index, int(cid)])
     plans.append(client.make_batch_plan(int(sizes[cid]), max_size, epochs, batch_size, rng))
     ids.append(int(cid))
-  empty = client.BatchPlan(np.zeros_like(plans[0].idx), np.zeros_like(plans[0].weight),
-                           np.zeros_like(plans[0].active))
+  empty = client.BatchPlan(
+    np.zeros_like(plans[0].idx), np.zeros_like(plans[0].weight), np.zeros_like(plans[0].active)
+  )
   while len(ids) < pad_to:
     plans.append(empty)
     ids.append(selected[0])
   n = np.asarray([sizes[c] for c in selected], np.float64)
   weights = np.zeros(pad_to, np.float64)
-  weights[:len(selected)] = n / n.sum()
+  weights[: len(selected)] = n / n.sum()
   plan = client.BatchPlan(*(np.stack(x) for x in zip(*plans)))
   round_key = jax.random.fold_in(aug_key, round_index)
   keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.asarray(ids))

@@ -4,13 +4,15 @@ One mesh serves all stages. Stage 2 shards the *client* axis of stacked client s
 the ``clients`` mesh axis (1 device, 8 simulated CPU devices or 8 GPUs run the same
 program); the server-side teachers shard their frozen weights over a ``model`` axis.
 """
+
 from __future__ import annotations
 
 import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 CLIENTS = "clients"
 
@@ -28,8 +30,9 @@ def maybe_initialize_distributed() -> None:
     return
   addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if addr:
-    jax.distributed.initialize(addr, int(os.environ["JAX_NUM_PROCESSES"]),
-                               int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(
+      addr, int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    )
   else:
     jax.distributed.initialize()
 
@@ -39,8 +42,10 @@ def create_client_mesh(num_devices: int | None = None) -> Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
-      raise ValueError(f"config.mesh.num_devices={num_devices} but only {len(devices)} devices "
-                       "are visible; lower it or leave it 0 to use all.")
+      raise ValueError(
+        f"config.mesh.num_devices={num_devices} but only {len(devices)} devices "
+        "are visible; lower it or leave it 0 to use all."
+      )
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (CLIENTS,))
 

@@ -1,4 +1,5 @@
 """Oracle tests for data sources, CReFF's long tail and CReFF's client partition."""
+
 import math
 
 import numpy as np
@@ -136,8 +137,8 @@ def test_dirichlet_groups_cover_their_chunk(num_clients):
   num_groups = math.ceil(num_clients / 10)
   step = int(10 / num_clients * n)
   for g in range(num_groups):
-    workers = groups[10 * g:10 * (g + 1)]
-    chunk = pairs[g * step:(n if g == num_groups - 1 else (g + 1) * step)]
+    workers = groups[10 * g : 10 * (g + 1)]
+    chunk = pairs[g * step : (n if g == num_groups - 1 else (g + 1) * step)]
     np.testing.assert_array_equal(np.sort(np.concatenate(workers)), np.sort(chunk))
     assert min(len(w) for w in workers) >= int(0.5 * len(chunk) / len(workers))
     for w in workers:  # within a worker, classes come in order (one Dirichlet cut per class)
@@ -230,14 +231,17 @@ def test_digits_split():
 
 
 def test_synthetic():
-  ds = sources.load_dataset("synthetic", "train", num_examples=50, image_shape=(16, 16, 1),
-                            num_classes=5, seed=3)
+  ds = sources.load_dataset(
+    "synthetic", "train", num_examples=50, image_shape=(16, 16, 1), num_classes=5, seed=3
+  )
   assert ds.images.shape == (50, 16, 16, 3) and ds.images.dtype == np.uint8
   assert ds.labels.dtype == np.int32 and np.bincount(ds.labels).tolist() == [10] * 5
-  same = sources.load_dataset("synthetic", "train", num_examples=50, image_shape=(16, 16, 1),
-                              num_classes=5, seed=3)
-  test = sources.load_dataset("synthetic", "test", num_examples=50, image_shape=(16, 16, 1),
-                              num_classes=5, seed=3)
+  same = sources.load_dataset(
+    "synthetic", "train", num_examples=50, image_shape=(16, 16, 1), num_classes=5, seed=3
+  )
+  test = sources.load_dataset(
+    "synthetic", "test", num_examples=50, image_shape=(16, 16, 1), num_classes=5, seed=3
+  )
   np.testing.assert_array_equal(ds.images, same.images)
   assert not np.array_equal(ds.images, test.images)
   sub = ds.subset([3, 1])
@@ -284,8 +288,9 @@ def test_imagenet_lt_manual_missing(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
   with pytest.raises(FileNotFoundError) as err:
-    sources.load_dataset("imagenet_lt", "train", data_dir=str(tmp_path / "data"),
-                         manual_dir=str(manual), image_size=32)
+    sources.load_dataset(
+      "imagenet_lt", "train", data_dir=str(tmp_path / "data"), manual_dir=str(manual), image_size=32
+    )
   msg = str(err.value)
   assert str(manual) in msg
   assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg

@@ -1,4 +1,5 @@
 """Oracles for fedllava.evaluate: hand-computed group accuracies, confusion invariants, PNG files."""
+
 import os
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_format_report():
   text = evaluate.format_report(r, class_names=["cat", "dog", "emu"])
   assert "top-1" in text and "50.00" in text
   for g, acc in (("many", "75.00"), ("medium", "50.00"), ("few", "25.00")):
-    line = next(l for l in text.splitlines() if l.strip().startswith(g))
+    line = next(s for s in text.splitlines() if s.strip().startswith(g))
     assert acc in line and " 1 " in line
   assert "emu" in text
   r2 = evaluate.classification_report([0, 1], [0, 1], 2, [500, 500])

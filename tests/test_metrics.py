@@ -1,4 +1,5 @@
 """Oracles for fedllava.metrics: jsonl round trip, resume truncation, CSV, TensorBoard, NaN check."""
+
 import csv
 import glob
 import math
@@ -13,16 +14,20 @@ from fedllava import metrics
 def _tb_scalars(workdir):
   """Reads scalars back from workdir/tb as {tag: [(step, value)]} with TensorBoard's own reader."""
   from tensorboard.backend.event_processing import event_accumulator
-  acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"),
-                                           size_guidance={event_accumulator.SCALARS: 0})
+
+  acc = event_accumulator.EventAccumulator(
+    os.path.join(workdir, "tb"), size_guidance={event_accumulator.SCALARS: 0}
+  )
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_tensorboard_imports_without_tensorflow():
   import importlib.util
+
   from tensorboard.compat.proto import summary_pb2  # noqa: F401
   from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
+
   assert importlib.util.find_spec("tensorflow") is None
 
 

@@ -3,6 +3,7 @@
 The traps this catches (DESIGN.md): stride-2 padding, BN momentum and the unbiased running
 variance, masked BN statistics for a partial batch.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,14 +13,15 @@ import pytest
 
 from fedllava.models import resnet
 
-torch = pytest.importorskip("torch", reason="PyTorch is the reference; pip install -r requirements-test.txt")
+torch = pytest.importorskip(
+  "torch", reason="PyTorch is the reference; pip install -r requirements-test.txt"
+)
 tnn = torch.nn
 
 WIDTH, CLASSES = 8, 5
 
 
 class TorchBlock(tnn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -28,7 +30,9 @@ class TorchBlock(tnn.Module):
     self.bn2 = tnn.BatchNorm2d(cout)
     self.down = None
     if stride != 1 or cin != cout:
-      self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+      self.down = tnn.Sequential(
+        tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = torch.relu(self.bn1(self.conv1(x)))
@@ -37,13 +41,17 @@ class TorchBlock(tnn.Module):
 
 
 class TorchResNet8(tnn.Module):
-
   def __init__(self):
     super().__init__()
     self.conv1 = tnn.Conv2d(3, WIDTH, 3, 1, 1, bias=False)
     self.bn1 = tnn.BatchNorm2d(WIDTH)
-    self.layers = tnn.ModuleList([TorchBlock(WIDTH, WIDTH, 1), TorchBlock(WIDTH, 2 * WIDTH, 2),
-                                  TorchBlock(2 * WIDTH, 4 * WIDTH, 2)])
+    self.layers = tnn.ModuleList(
+      [
+        TorchBlock(WIDTH, WIDTH, 1),
+        TorchBlock(WIDTH, 2 * WIDTH, 2),
+        TorchBlock(2 * WIDTH, 4 * WIDTH, 2),
+      ]
+    )
     self.fc = tnn.Linear(4 * WIDTH, CLASSES)
 
   def forward(self, x):
@@ -80,13 +88,13 @@ def _copy_into_torch(tm, params, stats):
   tm.fc.bias.data = _t(params["classifier"]["bias"])
 
 
-def _flax_model():
-  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=WIDTH))
+def _flax_model(conv_impl="xla"):
+  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=WIDTH, conv_impl=conv_impl))
   return resnet.create_model(cfg, CLASSES)
 
 
-def _setup():
-  model = _flax_model()
+def _setup(conv_impl="xla"):
+  model = _flax_model(conv_impl)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   # Perturb BN so scale/bias/statistics are not the trivial init.
   variables = jax.tree.map(lambda x: x * 1.1 + 0.05, variables)
@@ -106,19 +114,24 @@ def test_eval_logits_match_pytorch():
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("n_valid", [6, 4])
-def test_train_step_matches_pytorch_sgd(n_valid):
+@pytest.mark.parametrize("n_valid, conv_impl", [(6, "xla"), (4, "xla"), (4, "im2col")])
+def test_train_step_matches_pytorch_sgd(n_valid, conv_impl):
   """One SGD step in train mode: params and running stats (unbiased var) match PyTorch.
 
   With ``n_valid < 6`` our batch is padded and masked; PyTorch sees only the valid examples.
   """
-  model, variables, tm, x = _setup()
+  model, variables, tm, x = _setup(conv_impl)
   y = np.array([0, 1, 2, 3, 4, 0])
   w = (np.arange(6) < n_valid).astype(np.float32)
 
   def loss_fn(params):
-    out, new = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           train=True, mask=w, mutable=["batch_stats"])
+    out, new = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      train=True,
+      mask=w,
+      mutable=["batch_stats"],
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], y)
     return jnp.sum(w * ce) / w.sum(), new["batch_stats"]
 
@@ -132,8 +145,6 @@ def test_train_step_matches_pytorch_sgd(n_valid):
   tl.backward()
   opt.step()
   np.testing.assert_allclose(loss, tl.item(), atol=1e-5)
-  ref = _flax_model().init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))
-  ref = jax.tree.map(np.asarray, ref)
   # Read torch's state back into a Flax-shaped tree by copying ours out and comparing leaves.
   check = TorchResNet8()
   _copy_into_torch(check, params, stats)
@@ -141,8 +152,9 @@ def test_train_step_matches_pytorch_sgd(n_valid):
   for k in ref_sd:
     if k.endswith("num_batches_tracked"):
       continue
-    np.testing.assert_allclose(ours_sd[k].numpy(), ref_sd[k].numpy(), atol=2e-5, rtol=1e-4,
-                               err_msg=k)
+    np.testing.assert_allclose(
+      ours_sd[k].numpy(), ref_sd[k].numpy(), atol=2e-5, rtol=1e-4, err_msg=k
+    )
 
 
 def test_feature_map_tokens_and_resnet50_shapes():
@@ -170,3 +182,39 @@ def test_init_distributions_follow_creff():
   assert abs(k.std() - np.sqrt(2 / (9 * 4 * WIDTH))) < 0.1 * np.sqrt(2 / (9 * 4 * WIDTH))
   fc = np.asarray(p["classifier"]["kernel"])
   assert np.abs(fc).max() <= 1 / np.sqrt(4 * WIDTH)
+
+
+@pytest.mark.parametrize("name,hw", [("resnet8", 16), ("resnet50", 32)])
+def test_im2col_conv_equals_xla_conv(name, hw):
+  """Same parameters, same outputs and gradients (float64), also under vmap over clients."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    mk = lambda impl: resnet.create_model(
+      ml_collections.ConfigDict(  # noqa: E731
+        dict(name=name, width=4, dtype="float64", conv_impl=impl)
+      ),
+      CLASSES,
+    )
+    xla, im2col = mk("xla"), mk("im2col")
+    x = np.random.default_rng(0).normal(size=(3, hw, hw, 3))
+    v = xla.init(jax.random.PRNGKey(0), x)
+    v2 = im2col.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(v) == jax.tree.structure(v2)
+
+    def loss(model, params, xb):
+      out, _ = model.apply(
+        {"params": params, "batch_stats": v["batch_stats"]}, xb, train=True, mutable=["batch_stats"]
+      )
+      return jnp.sum(out["logits"] ** 2)
+
+    g1 = jax.grad(lambda p: loss(xla, p, x))(v["params"])
+    g2 = jax.grad(lambda p: loss(im2col, p, x))(v["params"])
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(a, b, atol=1e-9, rtol=1e-6)  # BN backward cancels
+    stacked = jax.tree.map(lambda p: jnp.stack([p, 1.1 * p]), v["params"])
+    xs = np.stack([x, x[::-1]])
+    per = jax.vmap(lambda p, xb: loss(xla, p, xb))(stacked, xs)
+    per2 = jax.vmap(lambda p, xb: loss(im2col, p, xb))(stacked, xs)
+    np.testing.assert_allclose(per, per2, rtol=1e-10)
+  finally:
+    jax.config.update("jax_enable_x64", False)

@@ -3,6 +3,7 @@
 Whole rounds are compared in float64 (two correct float32 implementations of BN training
 drift apart by ~1e-4 after a few steps; DESIGN.md, "The CReFF protocol").
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,13 +25,13 @@ def x64():
   jax.config.update("jax_enable_x64", False)
 
 
-def _model(dtype="float64"):
-  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=4, dtype=dtype))
+def _model(dtype="float64", conv_impl="auto"):
+  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=4, dtype=dtype, conv_impl=conv_impl))
   return resnet.create_model(cfg, num_classes=3)
 
 
-def _setup(dtype="float64"):
-  model = _model(dtype)
+def _setup(dtype="float64", conv_impl="auto"):
+  model = _model(dtype, conv_impl)
   rng = np.random.default_rng(0)
   n_max = int(SIZES.max())
   images = rng.integers(0, 256, (len(SIZES), n_max, 8, 8, 3), dtype=np.uint8)
@@ -43,16 +44,35 @@ def _setup(dtype="float64"):
 
 
 def _trainer(model, algorithm, per_batch=False):
-  return client.create_local_trainer(model, algorithm, learning_rate=LR, mean=MEAN, std=STD,
-                                     crop_padding=1, flip=True, per_batch_augment=per_batch)
+  return client.create_local_trainer(
+    model,
+    algorithm,
+    learning_rate=LR,
+    mean=MEAN,
+    std=STD,
+    crop_padding=1,
+    flip=True,
+    per_batch_augment=per_batch,
+  )
 
 
 def _inputs(images, labels, selected, pad_to, seed=3, round_index=0):
   inputs, ids = rounds.build_round_inputs(
-      selected, SIZES, int(SIZES.max()), epochs=EPOCHS, batch_size=BATCH, seed=seed,
-      round_index=round_index, pad_to=pad_to, aug_key=jax.random.PRNGKey(7))
-  return inputs._replace(images=jnp.asarray(images[ids]), labels=jnp.asarray(labels[ids]),
-                         weights=jnp.asarray(inputs.weights)), ids
+    selected,
+    SIZES,
+    int(SIZES.max()),
+    epochs=EPOCHS,
+    batch_size=BATCH,
+    seed=seed,
+    round_index=round_index,
+    pad_to=pad_to,
+    aug_key=jax.random.PRNGKey(7),
+  )
+  return inputs._replace(
+    images=jnp.asarray(images[ids]),
+    labels=jnp.asarray(labels[ids]),
+    weights=jnp.asarray(inputs.weights),
+  ), ids
 
 
 def _loop_round(trainer, variables, images, labels, inputs, ids, n_real):
@@ -65,8 +85,16 @@ def _loop_round(trainer, variables, images, labels, inputs, ids, n_real):
       m = int(inputs.plan.weight[c, s].sum())
       idx = jnp.asarray(inputs.plan.idx[c, s, :m])
       key = jax.random.fold_in(inputs.keys[c], int(s))
-      carry, _ = step(carry, jnp.asarray(images[ids[c]]), jnp.asarray(labels[ids[c]]),
-                      variables["params"], idx, jnp.ones(m, jnp.float64), True, key)
+      carry, _ = step(
+        carry,
+        jnp.asarray(images[ids[c]]),
+        jnp.asarray(labels[ids[c]]),
+        variables["params"],
+        idx,
+        jnp.ones(m, jnp.float64),
+        True,
+        key,
+      )
     results.append({"params": carry[0], "batch_stats": carry[1]})
   w = np.asarray(inputs.weights[:n_real])
   return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *results)
@@ -77,9 +105,11 @@ def _assert_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
-def test_vmapped_round_equals_per_client_loop(x64, strategy):
-  model, images, labels, variables = _setup()
+@pytest.mark.parametrize(
+  "strategy, conv_impl", [("vmap", "xla"), ("vmap", "im2col"), ("map", "im2col")]
+)
+def test_vmapped_round_equals_per_client_loop(x64, strategy, conv_impl):
+  model, images, labels, variables = _setup(conv_impl=conv_impl)
   algo = algorithms.fedavg.create()
   trainer = _trainer(model, algo)
   mesh = sharding.create_client_mesh(1)
@@ -92,8 +122,13 @@ def test_vmapped_round_equals_per_client_loop(x64, strategy):
   # Unequal sizes really give unequal step counts: ceil(n / 4) * epochs.
   np.testing.assert_array_equal(metrics["train/client_steps"], [6, 4, 4])
   # Training moved the model.
-  assert np.abs(np.asarray(new["params"]["classifier"]["kernel"])
-                - np.asarray(variables["params"]["classifier"]["kernel"])).max() > 1e-4
+  assert (
+    np.abs(
+      np.asarray(new["params"]["classifier"]["kernel"])
+      - np.asarray(variables["params"]["classifier"]["kernel"])
+    ).max()
+    > 1e-4
+  )
 
 
 def test_round_on_8_devices_equals_1_device(x64):
@@ -120,9 +155,11 @@ def test_group_strategy_and_padding_clients_change_nothing(x64):
   b, _ = _inputs(images, labels, [0, 1, 2], pad_to=4)  # one padding client
   state = algo.server_optimizer.init(variables["params"])
   out_a = rounds.create_round_fn(trainer, algo, mesh, "vmap")(
-      jax.tree.map(jnp.array, variables), state, a)[0]
+    jax.tree.map(jnp.array, variables), state, a
+  )[0]
   out_b = rounds.create_round_fn(trainer, algo, mesh, "group", group_size=2)(
-      jax.tree.map(jnp.array, variables), state, b)[0]
+    jax.tree.map(jnp.array, variables), state, b
+  )[0]
   _assert_close(out_a, out_b, 1e-10)
 
 
@@ -133,8 +170,13 @@ def test_masked_step_changes_nothing(x64):
   # Give the optimizer state something to lose: a momentum-free SGD has an empty state, so
   # check a real step first changes params and stats, then a masked one does not.
   idx = jnp.arange(BATCH)
-  args = (jnp.asarray(images[0]), jnp.asarray(labels[0]), variables["params"], idx,
-          jnp.ones(BATCH), )
+  args = (
+    jnp.asarray(images[0]),
+    jnp.asarray(labels[0]),
+    variables["params"],
+    idx,
+    jnp.ones(BATCH),
+  )
   moved, _ = trainer.step(carry, *args, True, jax.random.PRNGKey(1))
   kept, loss = trainer.step(moved, *args, False, jax.random.PRNGKey(2))
   _assert_close(kept, moved, 0.0)
@@ -150,10 +192,19 @@ def test_partial_batch_is_a_step_on_its_examples_only(x64):
   carry = trainer.init_carry(variables)
   key = jax.random.PRNGKey(5)
   im, lb = jnp.asarray(images[0]), jnp.asarray(labels[0])
-  padded, lp = trainer.step(carry, im, lb, variables["params"], jnp.array([3, 1, 7, 0]),
-                            jnp.array([1.0, 1.0, 1.0, 0.0]), True, key)
-  plain, l3 = trainer.step(carry, im, lb, variables["params"], jnp.array([3, 1, 7]),
-                           jnp.ones(3), True, key)
+  padded, lp = trainer.step(
+    carry,
+    im,
+    lb,
+    variables["params"],
+    jnp.array([3, 1, 7, 0]),
+    jnp.array([1.0, 1.0, 1.0, 0.0]),
+    True,
+    key,
+  )
+  plain, l3 = trainer.step(
+    carry, im, lb, variables["params"], jnp.array([3, 1, 7]), jnp.ones(3), True, key
+  )
   _assert_close(padded, plain, 1e-12)
   np.testing.assert_allclose(lp, l3, atol=1e-12)
 
@@ -174,7 +225,9 @@ def test_fedprox_mu0_and_fedavgm_momentum0_equal_fedavg(x64):
   _assert_close(_one_round(algorithms.fedavgm.create(0.0), variables, images, labels), ref, 1e-12)
   # And the knobs do something when turned on.
   prox = _one_round(algorithms.fedprox.create(10.0), variables, images, labels)
-  assert not np.allclose(prox["params"]["classifier"]["kernel"], ref["params"]["classifier"]["kernel"])
+  assert not np.allclose(
+    prox["params"]["classifier"]["kernel"], ref["params"]["classifier"]["kernel"]
+  )
 
 
 def test_fednova_equals_fedavg_when_step_counts_are_equal(x64):
@@ -225,3 +278,17 @@ def test_sample_clients_is_creff_sequence_and_resumable():
   seq = [np.sort(rs.choice(range(20), 8, replace=False)) for _ in range(3)]
   for r in range(3):
     np.testing.assert_array_equal(rounds.sample_clients(4, r, 20, 8), seq[r])
+
+
+def test_second_round_compiles_nothing(x64):
+  """Fixed shapes: a new round (other clients, plans, keys, weights) reuses the executable."""
+  model, images, labels, variables = _setup()
+  algo = algorithms.fedavg.create()
+  mesh = sharding.create_client_mesh(1)
+  fn = rounds.create_round_fn(_trainer(model, algo), algo, mesh, "vmap")
+  state = jax.device_put(algo.server_optimizer.init(variables["params"]), sharding.replicated(mesh))
+  v = jax.device_put(variables, sharding.replicated(mesh))  # as federate.run places the state
+  for r, sel in enumerate(([0, 1], [1, 2], [0, 2])):
+    inputs, _ = _inputs(images, labels, sel, pad_to=2, round_index=r)
+    v, state, _ = fn(v, state, inputs)
+  assert fn._cache_size() == 1

@@ -3,14 +3,15 @@
 Adding a method: write ``fedllava/algorithms/<name>.py`` with ``create(...)`` returning a
 ``base.FLAlgorithm`` and add one line to ``_FACTORIES``.
 """
+
 from fedllava.algorithms import base, fedavg, fedavgm, fednova, fedprox
 from fedllava.algorithms.base import FLAlgorithm, server_update
 
 _FACTORIES = {
-    "fedavg": lambda c: fedavg.create(c.server_lr),
-    "fedprox": lambda c: fedprox.create(c.prox_mu, c.server_lr),
-    "fedavgm": lambda c: fedavgm.create(c.server_momentum, c.server_lr),
-    "fednova": lambda c: fednova.create(c.server_lr),
+  "fedavg": lambda c: fedavg.create(c.server_lr),
+  "fedprox": lambda c: fedprox.create(c.prox_mu, c.server_lr),
+  "fedavgm": lambda c: fedavgm.create(c.server_momentum, c.server_lr),
+  "fednova": lambda c: fednova.create(c.server_lr),
 }
 ALGORITHMS = tuple(_FACTORIES)
 

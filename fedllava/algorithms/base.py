@@ -13,6 +13,7 @@ A method is a small bundle of pure functions over parameter pytrees (fedjax's
 Clients upload parameters only: everything above consumes client *parameters*, never
 client gradients.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
@@ -44,16 +45,23 @@ def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
   return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
 
 
-def mean_delta(global_params: PyTree, client_params: PyTree, weights: jax.Array,
-               num_steps: jax.Array) -> PyTree:
+def mean_delta(
+  global_params: PyTree, client_params: PyTree, weights: jax.Array, num_steps: jax.Array
+) -> PyTree:
   """FedAvg's pseudo-gradient ``w_g - sum_k p_k w_k`` with ``p_k = |D_k| / sum |D_k|`` (Eq. 4)."""
   del num_steps
   avg = weighted_mean(client_params, weights)
   return jax.tree.map(lambda g, a: g - a, global_params, avg)
 
 
-def server_update(algorithm: FLAlgorithm, global_params: PyTree, server_state: PyTree,
-                  client_params: PyTree, weights: jax.Array, num_steps: jax.Array):
+def server_update(
+  algorithm: FLAlgorithm,
+  global_params: PyTree,
+  server_state: PyTree,
+  client_params: PyTree,
+  weights: jax.Array,
+  num_steps: jax.Array,
+):
   """Applies one server step; returns ``(new_global_params, new_server_state)``."""
   delta = algorithm.pseudo_gradient(global_params, client_params, weights, num_steps)
   updates, server_state = algorithm.server_optimizer.update(delta, server_state, global_params)

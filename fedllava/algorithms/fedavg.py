@@ -1,4 +1,5 @@
 """FedAvg (McMahan et al. 2017): local SGD, server takes the size-weighted mean (Eq. 4)."""
+
 import optax
 
 from fedllava.algorithms import base

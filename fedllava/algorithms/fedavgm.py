@@ -2,6 +2,7 @@
 
 ``v <- beta * v + delta``; ``w <- w - server_lr * v``, with ``delta = w - sum_k p_k w_k``.
 """
+
 import optax
 
 from fedllava.algorithms import base
@@ -9,5 +10,6 @@ from fedllava.algorithms import base
 
 def create(momentum: float, server_lr: float = 1.0) -> base.FLAlgorithm:
   """FedAvgM; ``momentum = 0`` with ``server_lr = 1`` is FedAvg."""
-  return base.FLAlgorithm("fedavgm", base.no_penalty, base.mean_delta,
-                          optax.sgd(server_lr, momentum=momentum))
+  return base.FLAlgorithm(
+    "fedavgm", base.no_penalty, base.mean_delta, optax.sgd(server_lr, momentum=momentum)
+  )

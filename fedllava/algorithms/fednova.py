@@ -5,6 +5,7 @@ For local SGD without momentum client k's normalised update is
 ``w <- w - tau_eff * sum_k p_k d_k`` with ``tau_eff = sum_k p_k tau_k``
 (Wang et al. 2020, Eq. 6-7 with a_k = tau_k). Equal ``tau_k`` gives FedAvg.
 """
+
 import jax
 import jax.numpy as jnp
 import optax

@@ -1,4 +1,5 @@
 """FedProx (Li et al. 2020): local loss + (mu / 2) * ||w - w_global||^2."""
+
 import jax
 import jax.numpy as jnp
 import optax

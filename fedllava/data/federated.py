@@ -5,6 +5,7 @@ Seeds (DESIGN.md, "The CReFF protocol"): the long tail uses ``RandomState(longta
 paper configs); the partition a fresh ``RandomState(config.seed)`` (CReFF ``--seed``); the
 D_align hold-out ``RandomState(config.seed + 1)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,9 +50,15 @@ class FederatedData:
 
 def _load(config, split: str) -> sources.Dataset:
   d = config.data
-  return sources.load_dataset(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir,
-                              image_size=d.image_size, num_examples=d.synthetic_examples,
-                              seed=config.seed)
+  return sources.load_dataset(
+    d.name,
+    split,
+    data_dir=d.data_dir,
+    manual_dir=d.manual_dir,
+    image_size=d.image_size,
+    num_examples=d.synthetic_examples,
+    seed=config.seed,
+  )
 
 
 def build(config) -> FederatedData:
@@ -63,24 +70,30 @@ def build(config) -> FederatedData:
   pool = np.arange(len(full))
   align = None
   if d.align_per_class > 0:
-    held, pool = longtail.holdout_balanced(full.labels, c, d.align_per_class,
-                                           np.random.RandomState(config.seed + 1))
+    held, pool = longtail.holdout_balanced(
+      full.labels, c, d.align_per_class, np.random.RandomState(config.seed + 1)
+    )
     align = full.subset(held)
   lt_seed = config.seed if d.longtail_seed is None else d.longtail_seed
-  kept = pool[longtail.make_longtail(full.labels[pool], c, d.imbalance_factor,
-                                     np.random.RandomState(lt_seed))]
+  kept = pool[
+    longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
+  ]
   train = full.subset(kept)
   if d.partition == "creff":
-    parts = partition.creff_partition(train.labels, fl.num_clients, d.dirichlet_alpha,
-                                      config.seed, num_classes=c)
+    parts = partition.creff_partition(
+      train.labels, fl.num_clients, d.dirichlet_alpha, config.seed, num_classes=c
+    )
   else:
-    parts = partition.dirichlet_partition(train.labels, fl.num_clients, d.dirichlet_alpha,
-                                          config.seed, num_classes=c)
+    parts = partition.dirichlet_partition(
+      train.labels, fl.num_clients, d.dirichlet_alpha, config.seed, num_classes=c
+    )
   sizes = np.asarray([len(p) for p in parts])
   empty = np.nonzero(sizes == 0)[0]
   if len(empty):
-    raise ValueError(f"clients {empty.tolist()} hold no data; use fewer clients "
-                     "(config.fl.num_clients) or a larger config.data.dirichlet_alpha.")
+    raise ValueError(
+      f"clients {empty.tolist()} hold no data; use fewer clients "
+      "(config.fl.num_clients) or a larger config.data.dirichlet_alpha."
+    )
   n_max = int(sizes.max())
   images = np.empty((len(parts), n_max) + train.images.shape[1:], np.uint8)
   labels = np.empty((len(parts), n_max), np.int32)
@@ -89,7 +102,14 @@ def build(config) -> FederatedData:
     images[k] = train.images[padded]
     labels[k] = train.labels[padded]
   return FederatedData(
-      train=train, test=test, align=align, client_indices=parts, images=images, labels=labels,
-      sizes=sizes, class_counts=np.bincount(train.labels, minlength=c),
-      histogram=partition.class_histogram(train.labels, parts, c),
-      norm=sources.DATASET_STATS[d.name])
+    train=train,
+    test=test,
+    align=align,
+    client_indices=parts,
+    images=images,
+    labels=labels,
+    sizes=sizes,
+    class_counts=np.bincount(train.labels, minlength=c),
+    histogram=partition.class_histogram(train.labels, parts, c),
+    norm=sources.DATASET_STATS[d.name],
+  )

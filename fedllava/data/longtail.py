@@ -18,6 +18,7 @@ References:
   Shang, Lu, Huang, Wang, Cheung. Federated Learning on Heterogeneous and Long-Tailed Data via
   Classifier Re-Training with Federated Features (CReFF). IJCAI 2022.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,9 +29,10 @@ Rng = np.random.Generator | np.random.RandomState
 def _check_imbalance_factor(imbalance_factor: float) -> None:
   if not imbalance_factor >= 1:  # also rejects NaN
     raise ValueError(
-        f"imbalance_factor must be >= 1 (IF = n_max / n_min), got {imbalance_factor}. "
-        "CReFF's --imb_factor is the inverse ratio (0.01 means IF=100, 0.02 means IF=50): "
-        f"pass 1 / {imbalance_factor} instead.")
+      f"imbalance_factor must be >= 1 (IF = n_max / n_min), got {imbalance_factor}. "
+      "CReFF's --imb_factor is the inverse ratio (0.01 means IF=100, 0.02 means IF=50): "
+      f"pass 1 / {imbalance_factor} instead."
+    )
 
 
 def _check_labels(labels, num_classes: int) -> np.ndarray:
@@ -41,7 +43,8 @@ def _check_labels(labels, num_classes: int) -> np.ndarray:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(
-        f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+      f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]"
+    )
   return labels
 
 
@@ -68,7 +71,7 @@ def longtail_counts(n_max: float, num_classes: int, imbalance_factor: float) -> 
   if num_classes == 1:
     return [int(n_max)]
   ratio = 1.0 / imbalance_factor  # CReFF's imb_factor (e.g. 0.01): 1/100 == 0.01 exactly
-  return [int(n_max * ratio**(c / (num_classes - 1.0))) for c in range(num_classes)]
+  return [int(n_max * ratio ** (c / (num_classes - 1.0))) for c in range(num_classes)]
 
 
 def make_longtail(labels, num_classes: int, imbalance_factor: float, rng: Rng) -> np.ndarray:
@@ -100,8 +103,9 @@ def make_longtail(labels, num_classes: int, imbalance_factor: float, rng: Rng) -
   return np.concatenate(kept) if kept else np.zeros((0,), np.int64)
 
 
-def holdout_balanced(labels, num_classes: int, per_class: int,
-                     rng: Rng) -> tuple[np.ndarray, np.ndarray]:
+def holdout_balanced(
+  labels, num_classes: int, per_class: int, rng: Rng
+) -> tuple[np.ndarray, np.ndarray]:
   """Holds out ``per_class`` random images of every class (the server's D_align).
 
   Taken from the balanced pool *before* long-tail sampling, so the held-out set is class
@@ -126,8 +130,9 @@ def holdout_balanced(labels, num_classes: int, per_class: int,
     idx = np.flatnonzero(labels == c).astype(np.int64)
     if len(idx) < per_class:
       raise ValueError(
-          f"class {c} has only {len(idx)} images, fewer than per_class={per_class} to hold "
-          "out; lower the number of held-out images per class.")
+        f"class {c} has only {len(idx)} images, fewer than per_class={per_class} to hold "
+        "out; lower the number of held-out images per class."
+      )
     rng.shuffle(idx)
     held.append(idx[:per_class])
   held_out = np.sort(np.concatenate(held)) if held else np.zeros((0,), np.int64)

@@ -28,13 +28,15 @@ References:
   Hsu, Qi, Brown. Measuring the Effects of Non-Identical Data Distribution for Federated Visual
   Classification. arXiv:1909.06335, 2019.
 """
+
 from __future__ import annotations
 
 import csv
 import math
-import os
 
 import numpy as np
+
+from fedllava import fileio
 
 GROUP_SIZE = 10  # CReFF's n_auxi_workers: Dirichlet draws are made over groups of 10 workers
 
@@ -61,13 +63,20 @@ def _check_nonempty(parts: list[np.ndarray], alpha: float) -> None:
   for k, part in enumerate(parts):
     if len(part) == 0:
       raise ValueError(
-          f"client {k} of {len(parts)} received no data (alpha={alpha}); use fewer clients or "
-          "a larger alpha.")
+        f"client {k} of {len(parts)} received no data (alpha={alpha}); use fewer clients or "
+        "a larger alpha."
+      )
 
 
-def _dirichlet_groups(labels, num_clients: int, alpha: float, seed: int, *,
-                      num_classes: int | None = None,
-                      max_retries: int = 10_000) -> list[np.ndarray]:
+def _dirichlet_groups(
+  labels,
+  num_clients: int,
+  alpha: float,
+  seed: int,
+  *,
+  num_classes: int | None = None,
+  max_retries: int = 10_000,
+) -> list[np.ndarray]:
   """CReFF's ``build_non_iid_by_dirichlet``: the per-worker lists before balancing.
 
   Args:
@@ -103,8 +112,9 @@ def _dirichlet_groups(labels, num_clients: int, alpha: float, seed: int, *,
     need = int(0.50 * size / w)
     if need < 1:
       raise ValueError(
-          f"worker group {g} holds {size} items for {w} workers (< 2 per worker); CReFF drops "
-          "such a group silently. Use fewer clients or more data.")
+        f"worker group {g} holds {size} items for {w} workers (< 2 per worker); CReFF drops "
+        "such a group silently. Use fewer clients or more data."
+      )
     class_pos = [chunk[chunk_labels == c] for c in range(num_classes)]
     for _ in range(max_retries):
       lists: list[list[np.ndarray]] = [[] for _ in range(w)]
@@ -124,9 +134,10 @@ def _dirichlet_groups(labels, num_clients: int, alpha: float, seed: int, *,
         break
     else:
       raise ValueError(
-          f"worker group {g}: no Dirichlet draw gave every worker >= {need} items in "
-          f"{max_retries} tries; use a larger alpha or fewer clients.")
-    out += [np.concatenate(l) if l else np.zeros((0,), np.int64) for l in lists]
+        f"worker group {g}: no Dirichlet draw gave every worker >= {need} items in "
+        f"{max_retries} tries; use a larger alpha or fewer clients."
+      )
+    out += [np.concatenate(w) if w else np.zeros((0,), np.int64) for w in lists]
   return out
 
 
@@ -137,9 +148,15 @@ def _balance(flat: np.ndarray, num_split: int) -> list[np.ndarray]:
   return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def creff_partition(labels, num_clients: int, alpha: float, seed: int, *,
-                    num_classes: int | None = None,
-                    max_retries: int = 10_000) -> list[np.ndarray]:
+def creff_partition(
+  labels,
+  num_clients: int,
+  alpha: float,
+  seed: int,
+  *,
+  num_classes: int | None = None,
+  max_retries: int = 10_000,
+) -> list[np.ndarray]:
   """Splits a data set among K clients exactly as CReFF's ``clients_indices`` does.
 
   Equal-sized clients (+-1) with Dirichlet-skewed label mixtures; see the module docstring for
@@ -162,16 +179,24 @@ def creff_partition(labels, num_clients: int, alpha: float, seed: int, *,
   Raises:
     ValueError: a group with < 2 items per worker, an empty client, or bad arguments.
   """
-  groups = _dirichlet_groups(labels, num_clients, alpha, seed, num_classes=num_classes,
-                             max_retries=max_retries)
+  groups = _dirichlet_groups(
+    labels, num_clients, alpha, seed, num_classes=num_classes, max_retries=max_retries
+  )
   parts = _balance(np.concatenate(groups), num_clients)
   _check_nonempty(parts, alpha)
   return parts
 
 
-def dirichlet_partition(labels, num_clients: int, alpha: float, seed: int, *,
-                        min_size: int = 1, num_classes: int | None = None,
-                        max_retries: int = 1000) -> list[np.ndarray]:
+def dirichlet_partition(
+  labels,
+  num_clients: int,
+  alpha: float,
+  seed: int,
+  *,
+  min_size: int = 1,
+  num_classes: int | None = None,
+  max_retries: int = 1000,
+) -> list[np.ndarray]:
   """Plain per-class Dirichlet split (Hsu et al. 2019); client sizes are unequal.
 
   For each class c: shuffle its positions, draw ``p ~ Dirichlet(alpha 1_K)`` and give client k
@@ -203,15 +228,16 @@ def dirichlet_partition(labels, num_clients: int, alpha: float, seed: int, *,
       cuts = (np.cumsum(p) * len(pos)).astype(int)[:-1]
       for k, piece in enumerate(np.split(pos, cuts)):
         lists[k].append(piece)
-    parts = [np.sort(np.concatenate(l)).astype(np.int64) for l in lists]
+    parts = [np.sort(np.concatenate(w)).astype(np.int64) for w in lists]
     if min(len(p) for p in parts) >= min_size:
       return parts
   sizes = sorted(len(p) for p in parts)
   _check_nonempty(parts, alpha)
   raise ValueError(
-      f"no Dirichlet split gave all {num_clients} clients >= {min_size} items in {max_retries} "
-      f"tries (last smallest sizes {sizes[:3]}); use fewer clients, a larger alpha or a smaller "
-      "min_size.")
+    f"no Dirichlet split gave all {num_clients} clients >= {min_size} items in {max_retries} "
+    f"tries (last smallest sizes {sizes[:3]}); use fewer clients, a larger alpha or a smaller "
+    "min_size."
+  )
 
 
 def class_histogram(labels, parts, num_classes: int) -> np.ndarray:
@@ -251,8 +277,16 @@ def format_histogram(hist, max_classes: int = 20) -> str:
     rows.append(["total"] + [str(v) for v in hist.sum(0)] + [str(hist.sum())])
   else:
     header = ["client", "classes", "top_class", "top_count", "total"]
-    rows = [[str(k), str(int((row > 0).sum())), str(int(row.argmax())), str(int(row.max())),
-             str(int(row.sum()))] for k, row in enumerate(hist)]
+    rows = [
+      [
+        str(k),
+        str(int((row > 0).sum())),
+        str(int(row.argmax())),
+        str(int(row.max())),
+        str(int(row.sum())),
+      ]
+      for k, row in enumerate(hist)
+    ]
     rows.append(["total", str(int((hist.sum(0) > 0).sum())), "", "", str(int(hist.sum()))])
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
   fmt = lambda r: "  ".join(s.rjust(wd) for s, wd in zip(r, widths))
@@ -270,8 +304,7 @@ def save_histogram(hist, path: str) -> str:
     ``path``.
   """
   hist = np.asarray(hist)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_open(path, "w") as f:
     writer = csv.writer(f)
     writer.writerow(["client"] + [f"class_{c}" for c in range(hist.shape[1])] + ["total"])
     for k, row in enumerate(hist):

@@ -18,6 +18,7 @@ to 3 channels) and ``labels`` int32 [N]. Sources:
 
 ``DATASET_STATS`` holds the per-channel normalisation (mean, std) in [0, 1] units.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ class Dataset:
     class_names: C readable names, or None.
     name: the source name (``cifar10``, ``digits``, ...).
   """
+
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
@@ -55,6 +57,7 @@ class Dataset:
 
 class Normalization(NamedTuple):
   """Per-channel mean and std of pixel values scaled to [0, 1]."""
+
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
 
@@ -68,11 +71,11 @@ _DIGITS = Normalization((0.3058,) * 3, (0.3764,) * 3)
 _SYNTHETIC = Normalization((0.5,) * 3, (float(np.sqrt((256**2 - 1) / 12) / 255),) * 3)
 
 DATASET_STATS: dict[str, Normalization] = {
-    "cifar10": _CIFAR,
-    "cifar100": _CIFAR,  # CReFF normalises CIFAR-100 with the CIFAR-10 statistics too
-    "imagenet_lt": _IMAGENET,
-    "digits": _DIGITS,
-    "synthetic": _SYNTHETIC,
+  "cifar10": _CIFAR,
+  "cifar100": _CIFAR,  # CReFF normalises CIFAR-100 with the CIFAR-10 statistics too
+  "imagenet_lt": _IMAGENET,
+  "digits": _DIGITS,
+  "synthetic": _SYNTHETIC,
 }
 
 KNOWN_DATASETS = ("cifar10", "cifar100", "imagenet_lt", "digits", "synthetic")
@@ -124,7 +127,7 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   test = []
   for c in range(10):
     pos = rs.permutation(np.flatnonzero(labels == c))
-    test.append(pos[:int(round(DIGITS_TEST_FRACTION * len(pos)))])
+    test.append(pos[: int(round(DIGITS_TEST_FRACTION * len(pos)))])
   test = np.sort(np.concatenate(test))
   train = np.setdiff1d(np.arange(len(labels)), test)
   return images, labels, train, test
@@ -135,12 +138,12 @@ def _load_digits(split: str) -> Dataset:
   if split not in ("train", "test"):
     raise ValueError(f"digits has splits 'train' and 'test', got {split!r}")
   pos = train if split == "train" else test
-  return Dataset(to_rgb(images[pos]), labels[pos], 10, tuple(str(c) for c in range(10)),
-                 "digits")
+  return Dataset(to_rgb(images[pos]), labels[pos], 10, tuple(str(c) for c in range(10)), "digits")
 
 
-def _load_synthetic(split: str, num_examples: int, image_shape: Sequence[int],
-                    num_classes: int, seed: int) -> Dataset:
+def _load_synthetic(
+  split: str, num_examples: int, image_shape: Sequence[int], num_classes: int, seed: int
+) -> Dataset:
   split_id = {"train": 0, "test": 1, "validation": 2}.get(split)
   if split_id is None:
     raise ValueError(f"synthetic has splits train/test/validation, got {split!r}")
@@ -172,25 +175,28 @@ def _read_source(source, chunk: int = 1024) -> list[dict]:
 
 def _check_imagenet_manual(manual_dir: str | None) -> str:
   manual_dir = os.path.expanduser(manual_dir or "~/tensorflow_datasets/downloads/manual")
-  missing = [f for f in IMAGENET_LT_MANUAL_FILES
-             if not os.path.isfile(os.path.join(manual_dir, f))]
+  missing = [f for f in IMAGENET_LT_MANUAL_FILES if not os.path.isfile(os.path.join(manual_dir, f))]
   if missing:
     raise FileNotFoundError(
-        f"imagenet_lt is not prepared and needs a manual download: put {' and '.join(missing)} "
-        f"(ImageNet-2012 train/val archives, from https://image-net.org/download-images after "
-        f"registering) into {manual_dir} (or pass manual_dir=...). TFDS expects exactly: "
-        f"{', '.join(IMAGENET_LT_MANUAL_FILES)}. Preparing also needs TensorFlow and network "
-        "access to fetch the ImageNet-LT subset lists; once prepared, reading needs neither.")
+      f"imagenet_lt is not prepared and needs a manual download: put {' and '.join(missing)} "
+      f"(ImageNet-2012 train/val archives, from https://image-net.org/download-images after "
+      f"registering) into {manual_dir} (or pass manual_dir=...). TFDS expects exactly: "
+      f"{', '.join(IMAGENET_LT_MANUAL_FILES)}. Preparing also needs TensorFlow and network "
+      "access to fetch the ImageNet-LT subset lists; once prepared, reading needs neither."
+    )
   return manual_dir
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None, manual_dir: str | None,
-               image_size: int | None) -> Dataset:
+def _load_tfds(
+  name: str, split: str, data_dir: str | None, manual_dir: str | None, image_size: int | None
+) -> Dataset:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"{name} is read through tensorflow_datasets: pip install "
-                      "tensorflow-datasets (TensorFlow itself is not needed).") from e
+    raise ImportError(
+      f"{name} is read through tensorflow_datasets: pip install "
+      "tensorflow-datasets (TensorFlow itself is not needed)."
+    ) from e
 
   # Random access needs ArrayRecord files; TFDS only picks that format itself when data_dir is
   # None, so ask for it explicitly (a copy prepared as TFRecord cannot be read this way).
@@ -202,13 +208,18 @@ def _load_tfds(name: str, split: str, data_dir: str | None, manual_dir: str | No
     if not tfds.builder(name, data_dir=data_dir, **builder_kwargs).is_prepared():
       manual_dir = _check_imagenet_manual(manual_dir)
       kwargs["download_and_prepare_kwargs"] = {
-          "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
-  source = tfds.data_source(name, split=split, data_dir=data_dir,
-                            builder_kwargs=builder_kwargs, **kwargs)
+        "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)
+      }
+  source = tfds.data_source(
+    name, split=split, data_dir=data_dir, builder_kwargs=builder_kwargs, **kwargs
+  )
   records = _read_source(source)
   if image_size is not None:
-    images = np.stack([resize_center_crop(r["image"], image_size) for r in records]) if records \
-        else np.zeros((0, image_size, image_size, 3), np.uint8)
+    images = (
+      np.stack([resize_center_crop(r["image"], image_size) for r in records])
+      if records
+      else np.zeros((0, image_size, image_size, 3), np.uint8)
+    )
   else:
     images = to_rgb(np.stack([np.asarray(r["image"], np.uint8) for r in records]))
   labels = np.asarray([int(r["label"]) for r in records], np.int32)
@@ -217,10 +228,18 @@ def _load_tfds(name: str, split: str, data_dir: str | None, manual_dir: str | No
   return Dataset(images, labels, int(label_feature.num_classes), names, name)
 
 
-def load_dataset(name: str, split: str, *, data_dir: str | None = None,
-                 manual_dir: str | None = None, image_size: int | None = None,
-                 num_examples: int = 1000, image_shape: Sequence[int] = (32, 32, 3),
-                 num_classes: int = 10, seed: int = 0) -> Dataset:
+def load_dataset(
+  name: str,
+  split: str,
+  *,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  image_size: int | None = None,
+  num_examples: int = 1000,
+  image_shape: Sequence[int] = (32, 32, 3),
+  num_classes: int = 10,
+  seed: int = 0,
+) -> Dataset:
   """Loads a whole split into memory.
 
   Args:

@@ -15,6 +15,7 @@ Every model returns a dict with ``feature_map`` (the last spatial map, needed by
 ``features`` (the pooled vector) and ``logits``; ``tokens`` (the feature map mapped by the
 feature MLP to the teacher's width, Eq. 2's g_fl(x)) is present when ``mlp_dim`` is set.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
@@ -86,11 +87,76 @@ class BatchNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+class Im2ColConv(nn.Module):
+  """A bias-free convolution as patches x kernel: the same parameters as ``nn.Conv``.
+
+  Why: under ``vmap`` over clients, each client has its own kernel and XLA lowers a
+  batched ``nn.Conv`` to a grouped convolution, which is slow on GPUs (JAX #26568, #13800);
+  here the per-client kernels become one batched matrix multiply instead.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    pad = (k - 1) // 2
+    kernel = self.param(
+      "kernel",
+      conv_init,
+      (k, k, x.shape[-1], self.features),
+      jnp.promote_types(self.dtype, jnp.float32),
+    )
+    x = x.astype(self.dtype)
+    if k == 1:
+      patches = x[:, :: self.stride, :: self.stride, :]
+      w = kernel.reshape(-1, self.features)
+    else:  # patch features are ordered (C, kh, kw)
+      patches = jax.lax.conv_general_dilated_patches(
+        x,
+        (k, k),
+        (self.stride, self.stride),
+        ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      w = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features)
+    return jnp.einsum("bhwk,kf->bhwf", patches, w.astype(self.dtype))
+
+
+CONV_IMPLS = ("xla", "im2col")
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype, impl: str = "xla"):
+  if impl == "im2col":
+    return Im2ColConv(features, kernel, stride, dtype=dtype, name=name)
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype,
-                 param_dtype=jnp.promote_types(dtype, jnp.float32), name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    (stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=conv_init,
+    dtype=dtype,
+    param_dtype=jnp.promote_types(dtype, jnp.float32),
+    name=name,
+  )
+
+
+def _conv_bn(block, x, features, kernel, stride, index, train, mask, prefix=""):
+  """``conv{index}`` then ``bn{index}`` as submodules of ``block`` (named as before)."""
+  x = _conv(features, kernel, stride, f"{prefix}conv{index}", block.dtype, block.conv_impl)(x)
+  return BatchNorm(dtype=block.dtype, name=f"{prefix}bn{index}")(x, train, mask)
+
+
+def _shortcut(block, x, features, train, mask):
+  """Identity, or a 1x1 conv + BN (``downsample_*``) when the shape changes."""
+  if block.stride == 1 and x.shape[-1] == features:
+    return x
+  return _conv_bn(block, x, features, 1, block.stride, "", train, mask, prefix="downsample_")
 
 
 class BasicBlock(nn.Module):
@@ -99,17 +165,13 @@ class BasicBlock(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
-    y = _conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train, mask))
-    y = _conv(self.features, 3, 1, "conv2", self.dtype)(y)
-    y = BatchNorm(dtype=self.dtype, name="bn2")(y, train, mask)
-    if self.stride != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.stride, "downsample_conv", self.dtype)(x)
-      x = BatchNorm(dtype=self.dtype, name="downsample_bn")(x, train, mask)
-    return nn.relu(x + y)
+    y = nn.relu(_conv_bn(self, x, self.features, 3, self.stride, 1, train, mask))
+    y = _conv_bn(self, y, self.features, 3, 1, 2, train, mask)
+    return nn.relu(_shortcut(self, x, self.features, train, mask) + y)
 
 
 class Bottleneck(nn.Module):
@@ -118,19 +180,14 @@ class Bottleneck(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
-    y = _conv(self.features, 1, 1, "conv1", self.dtype)(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train, mask))
-    y = _conv(self.features, 3, self.stride, "conv2", self.dtype)(y)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train, mask))
-    y = _conv(self.features * 4, 1, 1, "conv3", self.dtype)(y)
-    y = BatchNorm(dtype=self.dtype, name="bn3")(y, train, mask)
-    if self.stride != 1 or x.shape[-1] != self.features * 4:
-      x = _conv(self.features * 4, 1, self.stride, "downsample_conv", self.dtype)(x)
-      x = BatchNorm(dtype=self.dtype, name="downsample_bn")(x, train, mask)
-    return nn.relu(x + y)
+    y = nn.relu(_conv_bn(self, x, self.features, 1, 1, 1, train, mask))
+    y = nn.relu(_conv_bn(self, y, self.features, 3, self.stride, 2, train, mask))
+    y = _conv_bn(self, y, self.features * 4, 1, 1, 3, train, mask)
+    return nn.relu(_shortcut(self, x, self.features * 4, train, mask) + y)
 
 
 class FeatureMLP(nn.Module):
@@ -145,7 +202,8 @@ class FeatureMLP(nn.Module):
     pd = jnp.promote_types(self.dtype, jnp.float32)
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=pd, name="fc1")(x)
     return nn.Dense(self.out, dtype=self.dtype, param_dtype=pd, name="fc2")(
-        nn.gelu(x, approximate=False))
+      nn.gelu(x, approximate=False)
+    )
 
 
 class ResNet(nn.Module):
@@ -157,6 +215,8 @@ class ResNet(nn.Module):
     width: channels of the first stage (CReFF's ResNet-8: 16 * scaling 4 = 64).
     num_classes: classifier outputs.
     stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool).
+    conv_impl: ``"xla"`` (``nn.Conv``) or ``"im2col"`` (same parameters, batched-matmul
+      friendly under ``vmap``; see ``Im2ColConv``).
     mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
     head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
   """
@@ -169,22 +229,26 @@ class ResNet(nn.Module):
   mlp_dim: Optional[int] = None
   head_on_mlp: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False, mask: Optional[jax.Array] = None):
     x = x.astype(self.dtype)
     if self.stem == "cifar":
-      x = _conv(self.width, 3, 1, "conv1", self.dtype)(x)
-      x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+      x = nn.relu(_conv_bn(self, x, self.width, 3, 1, 1, train, mask))
     else:
-      x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
-      x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train, mask))
+      x = nn.relu(_conv_bn(self, x, self.width, 7, 2, 1, train, mask))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = self.block(self.width * 2**i, stride, dtype=self.dtype,
-                       name=f"layer{i + 1}_{j}")(x, train, mask)
+        x = self.block(
+          self.width * 2**i,
+          stride,
+          dtype=self.dtype,
+          conv_impl=self.conv_impl,
+          name=f"layer{i + 1}_{j}",
+        )(x, train, mask)
     out = {"feature_map": x}
     pooled = jnp.mean(x, axis=(1, 2))
     if self.mlp_dim is not None:
@@ -195,10 +259,14 @@ class ResNet(nn.Module):
     out["features"] = pooled
     fan_in = pooled.shape[-1]
     head_dtype = jnp.promote_types(self.dtype, jnp.float32)  # bf16 bodies keep f32 logits
-    out["logits"] = nn.Dense(self.num_classes, dtype=head_dtype, param_dtype=head_dtype,
-                             name="classifier",
-                             kernel_init=torch_linear_init(fan_in),
-                             bias_init=torch_linear_init(fan_in))(pooled.astype(head_dtype))
+    out["logits"] = nn.Dense(
+      self.num_classes,
+      dtype=head_dtype,
+      param_dtype=head_dtype,
+      name="classifier",
+      kernel_init=torch_linear_init(fan_in),
+      bias_init=torch_linear_init(fan_in),
+    )(pooled.astype(head_dtype))
     return out
 
 
@@ -215,10 +283,20 @@ def create_model(model_config, num_classes: int) -> ResNet:
   head_on_mlp = bool(model_config.get("head_on_mlp", False))
   dtype = jnp.dtype(model_config.get("dtype", "float32"))
   width = model_config.get("width", 64)
+  impl = model_config.get("conv_impl", "auto")
+  if impl == "auto":  # measured: benchmarks/results/round_speed_* (README, "Measured results")
+    impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
   if model_config.name == "resnet8":
-    return ResNet((1, 1, 1), BasicBlock, width, num_classes, "cifar", mlp_dim, head_on_mlp, dtype)
+    return ResNet(
+      (1, 1, 1), BasicBlock, width, num_classes, "cifar", mlp_dim, head_on_mlp, dtype, impl
+    )
   if model_config.name == "resnet50":
-    return ResNet((3, 4, 6, 3), Bottleneck, width, num_classes, "imagenet", mlp_dim, head_on_mlp,
-                  dtype)
-  raise ValueError(f"config.model.name={model_config.name!r} is not a known model; "
-                   "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT).")
+    return ResNet(
+      (3, 4, 6, 3), Bottleneck, width, num_classes, "imagenet", mlp_dim, head_on_mlp, dtype, impl
+    )
+  raise ValueError(
+    f"config.model.name={model_config.name!r} is not a known model; "
+    "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT)."
+  )
