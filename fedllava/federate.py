@@ -200,7 +200,8 @@ def _write_outputs(workdir, report, meta, history, data) -> None:
     return
   evaluate.save_confusion_png(report["confusion"], os.path.join(workdir, "confusion.png"), names)
   if history:
-    evaluate.save_curve_png(history, os.path.join(workdir, "accuracy.png"))
+    rows = [{"round": r["step"], **r} for r in history]  # metric step = rounds completed
+    evaluate.save_curve_png(rows, os.path.join(workdir, "accuracy.png"))
   out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in report.items()}
   out["best"] = meta
   fileio.atomic_write_text(os.path.join(workdir, "report.json"), json.dumps(out, indent=1))
