@@ -108,10 +108,17 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64):
   assert straight["report"]["top1"] == resumed["report"]["top1"]
 
 
-def test_resume_refuses_a_different_experiment(tmp_path):
-  federate.run(_tiny(1), str(tmp_path))
+def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):
+  """ImageNet-LT's ``placement=host`` (gather on the host each round) computes the same run."""
+  dev = federate.run(_tiny(1), str(tmp_path / "dev"))
+  host = federate.run(_tiny(1, **{"data.placement": "host"}), str(tmp_path / "host"))
+  for x, y in zip(jax.tree.leaves(dev["variables"]), jax.tree.leaves(host["variables"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="imbalance_factor"):
-    federate.run(_tiny(1, **{"data.imbalance_factor": 50.0}), str(tmp_path))
+    federate.run(_tiny(1, **{"data.imbalance_factor": 50.0}), str(tmp_path / "dev"))
+  assert (
+    json.loads((tmp_path / "dev" / "config.json").read_text())["data"]["imbalance_factor"] == 10
+  )
 
 
 @pytest.mark.parametrize(
