@@ -6,9 +6,11 @@ Overrides: ``--config.fl.rounds=5``; variants: ``--config=configs/cifar10_lt.py:
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fedllava import config as config_lib
 from fedllava import federate, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,9 +24,11 @@ STAGE_RUNNERS = {"federate": federate.run}
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  import jax  # after absl has parsed flags, so JAX_* env set by launchers applies
-
   config = _CONFIG.value
+  try:  # a bad field is reported, without a traceback, before anything is written
+    config_lib.validate(config)
+  except ValueError as e:
+    raise app.UsageError(f"bad config: {e}") from None
   if config.model.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
   sharding.maybe_initialize_distributed()

@@ -190,3 +190,25 @@ def test_cifar10_lt_config_builds_clients_through_tfds_mock():
   assert data.sizes.sum() == len(data.train) == data.class_counts.sum()
   assert abs(int(data.sizes[0]) - int(data.sizes[1])) <= 1
   assert data.norm.mean == (0.4914, 0.4822, 0.4465)
+
+
+def test_cli_bad_config_exits_with_the_message_and_writes_nothing(tmp_path):
+  wd = tmp_path / "run"
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedllava.main",
+      "--config=configs/digits_lt.py:if=0.5",
+      f"--workdir={wd}",
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode != 0
+  assert "config.data.imbalance_factor=0.5 must be >= 1" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not wd.exists()
