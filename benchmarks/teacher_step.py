@@ -180,10 +180,16 @@ def main(argv=None):
     "runs": [],
   }
 
-  def save():  # after every measurement, so a run cut short still leaves its results
+  def save():
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
       json.dump(results, f, indent=1)
+
+  def record(rec, **extra):  # after every measurement, so a run cut short keeps its results
+    results["runs"].append({**extra, **rec})
+    shown = {k: v for k, v in rec.items() if k != "step_s_all"}
+    print(json.dumps({**extra, **shown}), flush=True)
+    save()
 
   rng = np.random.RandomState(0)
   for b in batches:
@@ -215,11 +221,7 @@ def main(argv=None):
         clip_attn,
         peak,
       )
-      results["runs"].append({"batch": b, **rec})
-      print(
-        json.dumps({"batch": b, **{k: v for k, v in rec.items() if k != "step_s_all"}}), flush=True
-      )
-      save()
+      record(rec, batch=b)
 
     def fwd(p, f, i, m, model=base):
       return model.forward_from_features(p, f, i, m)
@@ -235,11 +237,7 @@ def main(argv=None):
         attn_fwd,
         peak,
       )
-      results["runs"].append({"batch": b, **rec})
-      print(
-        json.dumps({"batch": b, **{k: v for k, v in rec.items() if k != "step_s_all"}}), flush=True
-      )
-      save()
+      record(rec, batch=b)
     for r in args.remat.split(","):
       model = models[r]
 
@@ -258,11 +256,7 @@ def main(argv=None):
         3 * attn_fwd,
         peak,
       )
-      results["runs"].append({"batch": b, "remat": r == "on", **rec})
-      print(
-        json.dumps({"batch": b, **{k: v for k, v in rec.items() if k != "step_s_all"}}), flush=True
-      )
-      save()
+      record(rec, batch=b, remat=r == "on")
 
   save()
   print(f"wrote {out_path}")
