@@ -110,9 +110,8 @@ def augment(
 class LocalTrainer(NamedTuple):
   """The pure functions of local training for one client (vmap them for many)."""
 
-  step: (
-    Callable  # (carry, images, labels, global_params, idx, weight, active, key) -> (carry, loss)
-  )
+  # (carry, images, labels, global_params, idx, weight, active, key) -> (carry, loss)
+  step: Callable
   init_carry: Callable  # (variables) -> carry
   train: Callable  # (variables, images, labels, plan: BatchPlan, key) -> (variables, metrics)
 

@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from fedllava import algorithms, rounds
+from fedllava.models import resnet
 
 DATASETS = ("cifar10", "cifar100", "imagenet_lt", "digits", "synthetic")
 PARTITIONS = ("creff", "dirichlet")
@@ -70,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_on_mlp = False
   c.model.dtype = "float32"
   # "xla" (nn.Conv) or "im2col" (same parameters and results, patches x kernel); "auto" picks
-  # what benchmarks/round_speed.py measured faster: im2col on CPU (6x for vmapped clients),
-  # xla on GPU (vmapped grouped convolutions still beat im2col there).
+  # what benchmarks/round_speed.py measured faster: im2col on CPU (7.8x on 2 cores), xla on
+  # an H200 (vmapped grouped convolutions 5.1 s/round vs 8.7 s/round with im2col).
   c.model.conv_impl = "auto"
 
   c.fl = ml_collections.ConfigDict()
@@ -141,6 +142,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.data.image_size:
       raise ValueError("ImageNet-LT images vary in size: set config.data.image_size (e.g. 224).")
   algorithms.create(c.fl)  # unknown algorithm -> clear error
+  resnet.create_model(c.model, num_classes=2)  # unknown model or conv_impl -> clear error
   if c.fl.num_clients < 1:
     raise ValueError("config.fl.num_clients must be >= 1.")
   if not 1 <= c.fl.clients_per_round <= c.fl.num_clients:

@@ -100,6 +100,13 @@ def run(config, workdir: str) -> dict:
   )
   round_fn = rounds.create_round_fn(trainer, algo, mesh, fl.client_parallelism, fl.group_size)
   predict_fn = create_predict_fn(model, data.norm.mean, data.norm.std, mesh)
+
+  def test_report(variables):
+    preds = predict_all(predict_fn, variables, data.test.images, config.eval.batch_size, mesh)
+    return evaluate.classification_report(
+      data.test.labels, preds, data.num_classes, data.class_counts
+    )
+
   cs = sharding.client_sharding(mesh)
   if d.placement == "device":  # the whole client store lives on device for the run
     store = jax.device_put((data.images, data.labels), repl)
@@ -158,10 +165,7 @@ def run(config, workdir: str) -> dict:
     scalars["time/round_s"] = time.perf_counter() - t0
     last = r + 1 == fl.rounds
     if (r + 1) % config.eval.every == 0 or last:
-      preds = predict_all(predict_fn, variables, data.test.images, config.eval.batch_size, mesh)
-      report = evaluate.classification_report(
-        data.test.labels, preds, data.num_classes, data.class_counts
-      )
+      report = test_report(variables)
       scalars.update(
         {f"test/{k}": report[k] for k in ("top1", "many", "medium", "few") if report[k] is not None}
       )
@@ -179,12 +183,7 @@ def run(config, workdir: str) -> dict:
   history = writer.history()
   writer.close()
   if report is None:  # resumed a finished run: evaluate the restored model
-    preds = predict_all(
-      predict_fn, state["variables"], data.test.images, config.eval.batch_size, mesh
-    )
-    report = evaluate.classification_report(
-      data.test.labels, preds, data.num_classes, data.class_counts
-    )
+    report = test_report(state["variables"])
   _write_outputs(workdir, report, meta, history, data)
   return {"variables": state["variables"], "report": report, "best": meta}
 

@@ -130,6 +130,8 @@ def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):
     ({"fl.algorithm": "scaffold"}, "fl.algorithm"),
     ({"fl.client_parallelism": "pmap"}, "client_parallelism"),
     ({"stages": "federate,distill"}, "stages"),
+    ({"model.name": "vgg11"}, "model.name"),
+    ({"model.conv_impl": "winograd"}, "conv_impl"),
   ],
 )
 def test_bad_config_gives_a_clear_error(override, message, tmp_path):
