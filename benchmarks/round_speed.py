@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fedllava import algorithms, client, rounds, sharding  # noqa: E402
+from fedllava import algorithms, sharding  # noqa: E402
+from fedllava.federate import client, rounds  # noqa: E402
 from fedllava.models import resnet  # noqa: E402
 
 PRESETS = {

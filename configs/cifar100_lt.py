@@ -6,8 +6,8 @@ Same federated setting as CIFAR-10-LT. Paper Table 2 FedAvg baseline: 30.34 / 36
 top-1 at IF 100 / 50 / 10 (not rerun here).
 """
 
-from fedllava import config as config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.cifar_lt_config("cifar100", arg)
+  return common.cifar_lt_config("cifar100", arg)

@@ -9,8 +9,8 @@ ResNet-8 (CReFF's scaling 4). Paper Table 2 FedAvg baseline: 56.17 / 59.36 / 77.
 IF 100 / 50 / 10 (reported by CReFF; not rerun here: that needs a GPU and the CIFAR download).
 """
 
-from fedllava import config as config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.cifar_lt_config("cifar10", arg)
+  return common.cifar_lt_config("cifar10", arg)

@@ -6,15 +6,16 @@ TFDS ``imagenet_lt`` needs ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar i
 directory (default ~/tensorflow_datasets/downloads/manual); a missing directory is a clear
 error. ImageNet-LT is long-tailed already (1280..5 images a class): imbalance_factor 1 keeps it
 as it is. Client data is gathered on the host each round (placement=host): it does not fit
-replicated on a device.
+replicated on a device. Stage 3 holds out ``align.per_class`` images of each of the 1000
+classes and uses CLIP ViT-L/14-336 (``align.teacher``) for the zero-shot q of Eq. 6.
 """
 
-from fedllava import config as config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, **{"algo": "fedavg", "rounds": 200, "size": 224})
-  c = config_lib.base_config()
+  a = common.parse_arg(arg, **{"algo": "fedavg", "rounds": 200, "size": 224, "k": 10})
+  c = common.base_config()
   c.name = f"imagenet_lt_{a.algo}"
   c.data.name = "imagenet_lt"
   c.data.image_size = a.size
@@ -25,5 +26,7 @@ def get_config(arg=None):
   c.model.name = "resnet50"
   c.fl.algorithm = a.algo
   c.fl.rounds = a.rounds
+  c.align.per_class = a.k
+  c.align.templates = "imagenet"  # CLIP's 80 ImageNet prompts
   c.eval.batch_size = 256
   return c

@@ -1,16 +1,28 @@
-"""Atomic file writes: nothing a run has written is ever left half-written.
+"""Atomic file writes, and one run per workdir.
 
 Every file a run writes outside orbax (config, reports, metrics, figures) goes through
-``atomic_open``: a temporary file in the same directory, flushed and fsynced, then renamed over
-the target with ``os.replace`` (atomic on POSIX). A crash leaves the old file or the new one.
+``atomic_open``: a temporary file (``.tmp-*``) in the same directory, flushed and fsynced, then
+renamed over the target with ``os.replace`` (atomic on POSIX). A crash leaves the old file or
+the new one, and at worst a ``.tmp-*`` file, which ``clean_stale_temporaries`` removes.
+
+``workdir_lock`` holds ``<workdir>/.lock`` (JSON ``{pid, host, started}``) for the run, so a
+second run in the same workdir stops with a clear message instead of interleaving writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
+import json
 import os
+import socket
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
+
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"
 
 
 @contextlib.contextmanager
@@ -27,7 +39,7 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
   directory = os.path.dirname(os.path.abspath(os.fspath(path)))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
   try:
     kwargs = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
     with os.fdopen(fd, mode, **kwargs) as f:
@@ -46,3 +58,160 @@ def atomic_write_text(path: str, text: str) -> None:
   """Writes ``text`` to ``path`` atomically."""
   with atomic_open(path, "w") as f:
     f.write(text)
+
+
+def clean_stale_temporaries(directory: str) -> list[str]:
+  """Removes the ``.tmp-*`` files that ``atomic_open`` of a killed process left under ``directory``.
+
+  Call it only while holding ``workdir_lock`` on the workdir: a live run's ``.tmp-*`` file is a
+  write in progress, and the lock is what proves no other run is writing there.
+
+  Returns:
+    The paths removed (recursively; directories and other names are left alone).
+  """
+  removed = []
+  for root, _, files in os.walk(directory):
+    for name in files:
+      if name.startswith(TMP_PREFIX):
+        path = os.path.join(root, name)
+        try:
+          os.remove(path)
+        except FileNotFoundError:
+          continue
+        removed.append(path)
+  return sorted(removed)
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another run holds the workdir (or its lock cannot be checked); the message says what to do."""
+
+
+def _read_lock(path: str) -> dict | None:
+  """The holder recorded in a lock file; None if the file is gone; {} if unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      holder = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def _write_new(directory: str, info: dict) -> str:
+  fd, tmp = tempfile.mkstemp(
+    dir=directory, prefix=LOCK_FILE + ".new-"
+  )  # not .tmp-*: see clean_stale_temporaries
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(info, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.chmod(tmp, 0o644)
+  return tmp
+
+
+def _create_exclusive(path: str, info: dict) -> bool:
+  """Creates ``path`` holding ``info`` only if it does not exist; never leaves it half-written."""
+  tmp = _write_new(os.path.dirname(path), info)
+  try:
+    os.link(tmp, path)  # atomic, fails if path exists; the file is complete when it appears
+    return True
+  except FileExistsError:
+    return False
+  except OSError as e:  # a filesystem without hard links: O_CREAT | O_EXCL
+    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+      raise
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(info, f)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
+  finally:
+    os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _directory_guard(directory: str) -> Iterator[None]:
+  """Serialises lock take-overs between processes of this host (flock on the directory)."""
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without flock: the take-over is then best effort
+      pass
+    yield
+  finally:
+    os.close(fd)  # releases the flock
+
+
+def _in_use(workdir: str, path: str, holder: dict) -> WorkdirLockedError:
+  return WorkdirLockedError(
+    f"workdir {workdir} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
+    f"since {holder.get('started')}; wait for it, or if that run is dead remove {path}"
+  )
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, log: Callable[[str], None] = print) -> Iterator[dict]:
+  """Holds ``<workdir>/.lock`` for the ``with`` block: one run per workdir.
+
+  The lock file is created exclusively and holds ``{"pid", "host", "started"}``. A lock left by
+  a dead process on this host (``os.kill(pid, 0)`` finds no such pid) is taken over atomically,
+  with one line through ``log``; a lock held by a live process, by another host (whose pids
+  cannot be checked), or that cannot be read, is refused. The lock is removed when the block
+  ends, also on an exception.
+
+  Creates ``workdir`` if missing. Yields the lock record.
+
+  Raises:
+    WorkdirLockedError: the workdir is in use; the message names the holder and the fix.
+  """
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  with _directory_guard(workdir):
+    while not _create_exclusive(path, me):
+      holder = _read_lock(path)
+      if holder is None:  # released meanwhile
+        continue
+      if not holder:
+        raise WorkdirLockedError(
+          f"workdir {workdir} has a lock file that cannot be read ({path}); if no run is "
+          f"using {workdir}, remove {path}"
+        )
+      pid = holder.get("pid")
+      if holder.get("host") != me["host"] or not isinstance(pid, int) or _pid_alive(pid):
+        raise _in_use(workdir, path, holder)
+      # A dead process of this host: replace its lock in one step, so the path never
+      # disappears for a run of another host (which does not take the guard's flock).
+      tmp = _write_new(workdir, me)
+      os.replace(tmp, path)
+      log(
+        f"[lock] took over {path}: pid {pid} on this host ({me['host']}), which locked it at "
+        f"{holder.get('started')}, is no longer running"
+      )
+      break
+  try:
+    yield dict(me)
+  finally:
+    if _read_lock(path) == me:
+      os.remove(path)

@@ -1,40 +1,180 @@
 """Entry point: ``python -m fedllava.main --config=configs/digits_lt.py [--workdir=DIR]``.
 
-Runs ``config.stages`` in order; rerunning the same command resumes from ``workdir``.
+Validates every config section, then chains ``config.stages`` in order (the paper's three
+stages: ``pretrain`` -> ``federate`` -> ``align``), handing each stage's result to the next.
+Each stage writes under ``workdir/<stage>/``; a stage that is complete is loaded, not rerun;
+rerunning the same command resumes wherever the run stopped. The run ends with the models
+side by side (``workdir/report.json``, ``report.txt`` and two comparison figures).
 Overrides: ``--config.fl.rounds=5``; variants: ``--config=configs/cifar10_lt.py:if=50``.
 """
 
+from __future__ import annotations
+
+import math
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
+from flax import traverse_util
 from ml_collections import config_flags
 
-from fedllava import config as config_lib
-from fedllava import federate, sharding
+from fedllava import align, checkpoint, federate, fileio, report, sharding
+from fedllava.data import federated
+from fedllava.models import resnet
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config name>).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of a user error too.")
 
-STAGE_RUNNERS = {"federate": federate.run}
+# The one stage registry: name -> module with run(config, workdir, init=None, ...).
+STAGES = {"federate": federate, "align": align}
+_VALIDATORS = (
+  lambda c: federated.validate(c),
+  lambda c: resnet.validate(c.model),
+  lambda c: federate.validate(c),
+  lambda c: align.validate(c),
+  lambda c: sharding.validate(c),
+)
+# What a user can get wrong (a message, no traceback); anything else is a bug.
+USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, RuntimeError)
+
+
+def stage_list(config) -> list[str]:
+  return [s for s in config.stages.split(",") if s]
+
+
+def validate(config) -> None:
+  """Runs every section's validator; raises ``ValueError`` naming the first bad field."""
+  for path, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"config.{path}={value} is not a finite number; set a real value.")
+  if config.seed < 0:
+    raise ValueError(f"config.seed={config.seed} must be >= 0.")
+  stages = stage_list(config)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise ValueError(
+      f"config.stages={config.stages!r} names {unknown or 'no stage'}; the stages are "
+      f"{list(STAGES)}, comma-separated, in order (e.g. 'federate,align')."
+    )
+  if len(set(stages)) != len(stages):
+    raise ValueError(f"config.stages={config.stages!r} names a stage twice.")
+  for check in _VALIDATORS:
+    check(config)
+
+
+def _has_progress(workdir: str) -> bool:
+  """Whether any stage saved a checkpoint here (then the workdir holds *a* run)."""
+  for root, dirs, _ in os.walk(workdir):
+    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return True
+  return False
+
+
+def run(config, workdir: str, load_teacher=None) -> dict:
+  """Validates, then runs (or resumes) ``config.stages`` in ``workdir``.
+
+  Returns:
+    ``{stage name: StageResult}``, plus ``"federate_plain"`` (stage 2 without alignment)
+    when alignment runs every round and the side-by-side baseline is computed.
+  """
+  validate(config)
+  if config.model.dtype == "float64":
+    jax.config.update("jax_enable_x64", True)
+  stages = stage_list(config)
+  os.makedirs(workdir, exist_ok=True)
+  with fileio.workdir_lock(workdir):
+    fileio.clean_stale_temporaries(workdir)
+    changes = checkpoint.check_config(workdir, config, _has_progress(workdir))
+    written = []
+
+    def started():  # the first stage has built its data and model: the run can start
+      if not written:
+        checkpoint.write_config(workdir, config, changes)
+        written.append(True)
+
+    results, result = {}, None
+    every_round = "align" in stages and config.align.when == "every_round"
+    for name in stages:
+      kwargs = {"started": started}
+      if name == "align" and load_teacher is not None:
+        kwargs["load_teacher"] = load_teacher
+      if name == "federate" and every_round:
+        print("[pipeline] federate_plain: stage 2 without alignment, the side-by-side baseline")
+        results["federate_plain"] = federate.run(
+          config, os.path.join(workdir, "federate_plain"), result, started=started
+        )
+        kwargs["after_round"] = align.make_round_hook(
+          config, os.path.join(workdir, "align"), load_teacher
+        )
+      print(f"[pipeline] stage {name}")
+      result = STAGES[name].run(config, os.path.join(workdir, name), result, **kwargs)
+      results[name] = result
+    _pipeline_report(config, workdir, results)
+  return results
+
+
+def _pipeline_report(config, workdir: str, results: dict) -> None:
+  """FedAvg alone vs + alignment: table, confusion matrices and curves side by side."""
+  algo = config.fl.algorithm
+  plain = results.get("federate_plain") or results.get("federate")
+  if plain is None:
+    return
+  rows = [(algo, plain.report["final"])]
+  curves = [(algo, plain.report.get("curve", []))]
+  if "align" in results:
+    aligned = results["align"].report
+    rows.append((f"{algo} + alignment", aligned["final"]))
+    if aligned["when"] == "every_round":
+      curves.append((f"{algo} + alignment (every round)", aligned.get("curve", [])))
+    else:
+      curves.append(
+        (
+          f"{algo} + alignment (after round {config.fl.rounds})",
+          [(config.fl.rounds, aligned["final"]["top1"])],
+        )
+      )
+  table = report.format_comparison(rows)
+  print(table)
+  if jax.process_index() != 0:
+    return
+  fileio.atomic_write_text(os.path.join(workdir, "report.txt"), table + "\n")
+  summary = {
+    "stages": stage_list(config),
+    "rows": [
+      {"model": label, **{k: r[k] for k in ("top1", "many", "medium", "few")}} for label, r in rows
+    ],
+  }
+  report.write_json(os.path.join(workdir, "report.json"), summary)
+  names = plain.report.get("class_names")
+  if len(rows) > 1:
+    report.save_confusion_comparison_png(
+      [(label, r["confusion"]) for label, r in rows],
+      os.path.join(workdir, "confusion_comparison.png"),
+      names,
+    )
+  report.save_curves_comparison_png(curves, os.path.join(workdir, "accuracy_comparison.png"))
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = _CONFIG.value
-  try:  # a bad field is reported, without a traceback, before anything is written
-    config_lib.validate(config)
-  except ValueError as e:
-    raise app.UsageError(f"bad config: {e}") from None
-  if config.model.dtype == "float64":
-    jax.config.update("jax_enable_x64", True)
-  sharding.maybe_initialize_distributed()
-  workdir = _WORKDIR.value or config.workdir or os.path.join("workdirs", config.name)
-  for stage in filter(None, config.stages.split(",")):
-    STAGE_RUNNERS[stage](config, workdir)
+  try:
+    config = _CONFIG.value
+    name = config.name  # a config that failed to load raises on first use
+  except (OSError, ValueError) as e:  # a missing or broken config file, or a bad variant
+    sys.exit(f"fedllava: cannot load --config: {e}".rstrip())
+  workdir = _WORKDIR.value or config.workdir or os.path.join("workdirs", name)
+  try:
+    sharding.maybe_initialize_distributed()
+    run(config, workdir)
+  except USER_ERRORS as e:
+    if _TRACEBACK.value:
+      raise
+    sys.exit(f"fedllava: {type(e).__name__}: {e}\n(--traceback shows where)")
 
 
 if __name__ == "__main__":

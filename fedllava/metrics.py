@@ -1,14 +1,12 @@
 """One metric writer per run: metrics.jsonl (source of truth), metrics.csv and TensorBoard events.
 
-TensorBoard events are written with the `tensorboard` package's own `EventFileWriter` and protos, so
-no TensorFlow is needed. Every logged step is checked for NaN/inf (big_vision `train.py` does the
+TensorBoard events are written by `tensorboardX` (a maintained writer; no TensorFlow needed). Every logged step is checked for NaN/inf (big_vision `train.py` does the
 same): a non-finite scalar raises `FloatingPointError` naming the metric and the step, before
 anything of that step is written.
 
 Resuming: a run killed after its last checkpoint may have logged steps past it. Re-opening the writer
-with `resume_step=s` drops the jsonl rows with step > s (atomic rewrite) and writes a TensorBoard
-`SessionLog.START` at step s + 1, which makes TensorBoard discard the orphaned events, as TensorFlow's
-own writers do after a restart.
+with `resume_step=s` drops the jsonl rows with step > s (atomic rewrite) and opens the TensorBoard
+writer with `purge_step=s + 1`, which makes TensorBoard discard the orphaned events.
 """
 
 import csv
@@ -118,20 +116,14 @@ class MetricWriter:
     self._rewrite_csv(kept)
     self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
     if tensorboard:
-      from tensorboard.compat.proto import event_pb2
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      from tensorboardX import SummaryWriter
 
-      self._tb = EventFileWriter(os.path.join(self.workdir, TB_DIR))
-      if resume_step is not None:
-        # TensorBoard purges events with step >= this one from earlier files (orphaned data).
-        self._tb.add_event(
-          event_pb2.Event(
-            wall_time=time.time(),
-            step=int(resume_step) + 1,
-            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
-          )
-        )
-        self._tb.flush()
+      purge = None if resume_step is None else int(resume_step) + 1
+      # tensorboardX names files by the second; the suffix keeps a resume within the same
+      # second from overwriting the previous file (and sorts after it).
+      self._tb = SummaryWriter(
+        os.path.join(self.workdir, TB_DIR), purge_step=purge, filename_suffix=f".{time.time_ns()}"
+      )
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Logs scalars for one step.
@@ -157,12 +149,8 @@ class MetricWriter:
     self._jsonl.flush()
     self._append_csv(row)
     if self._tb is not None:
-      from tensorboard.compat.proto import event_pb2, summary_pb2
-
-      summary = summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
-      )
-      self._tb.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, step, walltime=wall_time)
       self._tb.flush()
 
   def history(self) -> list[dict]:
@@ -170,11 +158,6 @@ class MetricWriter:
     if self._jsonl is not None:
       self._jsonl.flush()
     return read_history(self.workdir)
-
-  def write_csv(self) -> None:
-    """Rewrites metrics.csv from metrics.jsonl (atomically); columns = union of keys."""
-    if self.active:
-      self._rewrite_csv(self.history())
 
   def _rewrite_csv(self, rows: list[dict]) -> None:
     keys = list(_RESERVED) + sorted({k for r in rows for k in r if k not in _RESERVED})

@@ -64,3 +64,39 @@ def pad_to_multiple(n: int, mesh: Mesh) -> int:
   """The smallest multiple of the mesh size that is >= n."""
   d = mesh.size
   return -(-n // d) * d
+
+
+MODEL = "model"
+
+
+def fsdp_partition_specs(params, axis_size: int, axis_name: str = MODEL):
+  """FSDP-style specs: each array is split over `axis_name` along its largest dimension divisible by
+  `axis_size` (the first such on ties); arrays with no such dimension are replicated."""
+
+  def spec(x):
+    shape = tuple(x.shape)
+    for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+      if shape[d] >= axis_size and shape[d] % axis_size == 0:
+        parts = [None] * len(shape)
+        parts[d] = axis_name
+        return P(*parts)
+    return P()
+
+  return jax.tree.map(spec, params)
+
+
+def fsdp_shardings(params, mesh, axis_name: str = MODEL):
+  specs = fsdp_partition_specs(params, mesh.shape[axis_name], axis_name)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def validate(config) -> None:
+  """Checks ``config.mesh``; raises ``ValueError`` naming the field and the fix."""
+  n = config.mesh.num_devices
+  if n < 0:
+    raise ValueError(f"config.mesh.num_devices={n} must be >= 0 (0: all visible devices).")
+  if n > jax.device_count():
+    raise ValueError(
+      f"config.mesh.num_devices={n} but only {jax.device_count()} devices are visible; "
+      "lower it or leave it 0 to use all."
+    )

@@ -1,8 +1,75 @@
-"""Test set-up: 8 simulated CPU devices so sharding is exercised everywhere."""
+"""Test set-up: 8 simulated CPU devices so sharding is exercised everywhere; shared fixtures."""
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+  """float64 for the whole-round equality oracles (DESIGN.md: float32 drifts, float64 agrees)."""
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def write_clip_tokenizer_files(d):
+  """A tiny byte-level BPE vocabulary in CLIP's format (end-of-text is the highest id, as in CLIP)."""
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+  base = list(bytes_to_unicode().values())
+  merges = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("p", "h"), ("ph", "o")]
+  vocab = (
+    base
+    + [b + "</w>" for b in base]
+    + [a + b for a, b in merges]
+    + ["<|startoftext|>", "<|endoftext|>"]
+  )
+  (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+  return len(vocab)
+
+
+def tiny_clip_config(vocab_size, image=16, patch=4, width=32, proj=16, context=40):
+  from transformers import CLIPConfig
+
+  eos = vocab_size - 1
+  text = dict(
+    vocab_size=vocab_size,
+    hidden_size=width,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=context,
+    bos_token_id=eos - 1,
+    eos_token_id=eos,
+    pad_token_id=eos,
+  )
+  vision = dict(
+    hidden_size=width,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=image,
+    patch_size=patch,
+  )
+  return CLIPConfig(text_config=text, vision_config=vision, projection_dim=proj)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+  """A tiny random Flax CLIP with its tokenizer, saved in the Hugging Face layout (no torch)."""
+  from transformers import CLIPTokenizer, FlaxCLIPModel
+
+  d = tmp_path_factory.mktemp("tiny_clip")
+  vocab_size = write_clip_tokenizer_files(d)
+  CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")).save_pretrained(d)
+  FlaxCLIPModel(tiny_clip_config(vocab_size), seed=0).save_pretrained(d)
+  return str(d)

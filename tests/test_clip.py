@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_clip_config, write_clip_tokenizer_files
 
 from fedllava.data import classnames as cn
 from fedllava.models import clip
@@ -16,46 +17,11 @@ TEMPLATES = ["a photo of a {}.", "the {}"]
 
 
 def _write_tokenizer_files(d):
-  """A tiny byte-level BPE vocabulary in CLIP's format (end-of-text is the highest id, as in CLIP)."""
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-  base = list(bytes_to_unicode().values())
-  merges = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("p", "h"), ("ph", "o")]
-  vocab = (
-    base
-    + [b + "</w>" for b in base]
-    + [a + b for a, b in merges]
-    + ["<|startoftext|>", "<|endoftext|>"]
-  )
-  (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-  (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-  return len(vocab)
+  return write_clip_tokenizer_files(d)
 
 
 def _config(vocab_size):
-  from transformers import CLIPConfig
-
-  eos = vocab_size - 1
-  text = dict(
-    vocab_size=vocab_size,
-    hidden_size=WIDTH,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=CONTEXT,
-    bos_token_id=eos - 1,
-    eos_token_id=eos,
-    pad_token_id=eos,
-  )
-  vision = dict(
-    hidden_size=WIDTH,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=IMAGE,
-    patch_size=PATCH,
-  )
-  return CLIPConfig(text_config=text, vision_config=vision, projection_dim=PROJ)
+  return tiny_clip_config(vocab_size, IMAGE, PATCH, WIDTH, PROJ, CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ from jax.sharding import PartitionSpec as P
 from fedllava.models import llama as llama_lib
 from fedllava.models.llava import (
   LlavaModel,
-  fsdp_partition_specs,
-  fsdp_shardings,
   memory_estimate,
   next_token_loss,
   param_bytes,
 )
 from fedllava.models.llava_configs import llava_config
+from fedllava.sharding import fsdp_partition_specs, fsdp_shardings
 
 jax.config.update("jax_default_matmul_precision", "highest")
 IMG = llava_config("test").image_token_index  # 60 in a vocabulary of 64

@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fedllava import algorithms, client, rounds, sharding
+from fedllava import algorithms, sharding
+from fedllava.federate import client, rounds
 from fedllava.models import resnet
 
 SIZES = np.array([11, 5, 8])  # unequal clients; batch 4 gives partial batches
@@ -18,11 +19,6 @@ BATCH, EPOCHS, LR = 4, 2, 0.1
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
 
 
 def _model(dtype="float64", conv_impl="auto"):

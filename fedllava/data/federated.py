@@ -1,14 +1,20 @@
 """From a config to client data: load, hold out D_align, long-tail, partition, pad.
 
 Seeds (DESIGN.md, "The CReFF protocol"): the long tail uses ``RandomState(longtail_seed)``
-(CReFF: numpy's global generator seeded 7; default here ``config.seed``, which is 7 in the
-paper configs); the partition a fresh ``RandomState(config.seed)`` (CReFF ``--seed``); the
-D_align hold-out ``RandomState(config.seed + 1)``.
+(CReFF: numpy's global generator seeded 7 whatever ``--seed`` says; our default is 7 too, and
+``data.longtail_seed=None`` follows ``config.seed``); the partition a fresh
+``RandomState(config.seed)`` (CReFF ``--seed``); the D_align hold-out
+``RandomState(config.seed + 1)``.
+
+The server (stage 3) needs the held-out D_align, the test set and the long tail's class
+counts, not the clients' data: ``build_server_data`` computes just that.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 
 import numpy as np
 
@@ -23,7 +29,7 @@ class FederatedData:
     train: the long-tailed training pool (clients hold disjoint parts of it).
     test: the balanced test set.
     align: the server's class-balanced D_align (held out before the long tail), or None.
-    client_indices: K arrays of positions into ``train``.
+    align_indices: D_align's positions in the full training split (empty when None).
     images: uint8 [K, N_max, H, W, 3], client data padded with copies of its first example.
     labels: int32 [K, N_max].
     sizes: int [K], |D_k|.
@@ -35,7 +41,7 @@ class FederatedData:
   train: sources.Dataset
   test: sources.Dataset
   align: sources.Dataset | None
-  client_indices: list
+  align_indices: np.ndarray
   images: np.ndarray
   labels: np.ndarray
   sizes: np.ndarray
@@ -61,23 +67,110 @@ def _load(config, split: str) -> sources.Dataset:
   )
 
 
+DATASETS = ("cifar10", "cifar100", "imagenet_lt", "digits", "synthetic")
+PARTITIONS = ("creff", "dirichlet")
+
+
+def validate(config) -> None:
+  """Checks ``config.data`` (and the client count it is split into) before anything runs.
+
+  Raises:
+    ValueError: naming the field and the fix.
+  """
+  d = config.data
+  if d.name not in DATASETS:
+    raise ValueError(f"config.data.name={d.name!r} is unknown; choose one of {DATASETS}.")
+  if not (d.imbalance_factor >= 1 and math.isfinite(d.imbalance_factor)):
+    raise ValueError(
+      f"config.data.imbalance_factor={d.imbalance_factor} must be a number >= 1 "
+      "(IF = n_max / n_min; CReFF's --imb_factor 0.01 is IF=100)."
+    )
+  if d.partition not in PARTITIONS:
+    raise ValueError(f"config.data.partition={d.partition!r}; choose one of {PARTITIONS}.")
+  if not (d.dirichlet_alpha > 0 and math.isfinite(d.dirichlet_alpha)):
+    raise ValueError(
+      f"config.data.dirichlet_alpha={d.dirichlet_alpha} must be > 0 "
+      "(the paper: 0.5 CIFAR, 0.1 ImageNet-LT)."
+    )
+  if d.placement not in ("device", "host"):
+    raise ValueError(f"config.data.placement={d.placement!r} must be 'device' or 'host'.")
+  if d.crop_padding < 0:
+    raise ValueError(
+      f"config.data.crop_padding={d.crop_padding} must be >= 0 (0 turns cropping off)."
+    )
+  if d.longtail_seed is not None and d.longtail_seed < 0:
+    raise ValueError(f"config.data.longtail_seed={d.longtail_seed} must be >= 0 (or None).")
+  if d.name == "synthetic" and d.synthetic_examples < 1:
+    raise ValueError("config.data.synthetic_examples must be >= 1.")
+  if d.name == "imagenet_lt":
+    manual = d.manual_dir or os.path.expanduser("~/tensorflow_datasets/downloads/manual")
+    if not os.path.isdir(manual):
+      raise ValueError(
+        f"ImageNet-LT needs the ImageNet-2012 tars in a manual directory, and "
+        f"{manual!r} does not exist: download ILSVRC2012_img_train.tar and "
+        "ILSVRC2012_img_val.tar there, or set --config.data.manual_dir."
+      )
+    if not d.image_size:
+      raise ValueError("ImageNet-LT images vary in size: set config.data.image_size (e.g. 224).")
+
+
+def _pools(config, full: sources.Dataset):
+  """(D_align positions, long-tailed training positions) in the full training split."""
+  d = config.data
+  c = full.num_classes
+  pool = np.arange(len(full))
+  held = np.zeros((0,), np.int64)
+  per_class = config.align.per_class if config.get("align") else 0
+  if per_class > 0:
+    try:
+      held, pool = longtail.holdout_balanced(
+        full.labels, c, per_class, np.random.RandomState(config.seed + 1)
+      )
+    except ValueError as e:
+      raise ValueError(f"config.align.per_class={per_class}: {e}") from None
+  lt_seed = config.seed if d.longtail_seed is None else d.longtail_seed
+  kept = pool[
+    longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
+  ]
+  return held, kept
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ServerData:
+  """What the server's stage 3 sees: D_align, the test set, and the long tail's class counts."""
+
+  align: sources.Dataset | None
+  align_indices: np.ndarray
+  test: sources.Dataset
+  class_counts: np.ndarray
+  norm: sources.Normalization
+
+  @property
+  def num_classes(self) -> int:
+    return self.test.num_classes
+
+
+def build_server_data(config) -> ServerData:
+  """D_align (the same images ``build`` holds out), the test set and the training class counts."""
+  full = _load(config, "train")
+  held, kept = _pools(config, full)
+  return ServerData(
+    align=full.subset(held) if len(held) else None,
+    align_indices=held,
+    test=_load(config, "test"),
+    class_counts=np.bincount(full.labels[kept], minlength=full.num_classes),
+    norm=sources.DATASET_STATS[config.data.name],
+  )
+
+
 def build(config) -> FederatedData:
   """Builds the federated data set that ``config.data`` and ``config.fl`` describe."""
   d, fl = config.data, config.fl
   full = _load(config, "train")
   test = _load(config, "test")
   c = full.num_classes
-  pool = np.arange(len(full))
-  align = None
-  if d.align_per_class > 0:
-    held, pool = longtail.holdout_balanced(
-      full.labels, c, d.align_per_class, np.random.RandomState(config.seed + 1)
-    )
-    align = full.subset(held)
-  lt_seed = config.seed if d.longtail_seed is None else d.longtail_seed
-  kept = pool[
-    longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
-  ]
+  held, kept = _pools(config, full)
+  align = full.subset(held) if len(held) else None
   train = full.subset(kept)
   if d.partition == "creff":
     parts = partition.creff_partition(
@@ -105,7 +198,7 @@ def build(config) -> FederatedData:
     train=train,
     test=test,
     align=align,
-    client_indices=parts,
+    align_indices=held,
     images=images,
     labels=labels,
     sizes=sizes,

@@ -28,6 +28,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import AutoTokenizer, FlaxCLIPModel, FlaxCLIPVisionModel
 from transformers.models.clip.configuration_clip import CLIPConfig, CLIPVisionConfig
 
+from fedllava import batching
 from fedllava.models.safetensors_io import read_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -339,17 +340,9 @@ def text_class_embeddings(
     return_tensors="np",
   )
   ids, mask = tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
-  b = min(batch_size, len(prompts))
   fn = jax.jit(functools.partial(_text_features, model))
-  feats = []
-  for start in range(0, len(prompts), b):
-    chunk_ids, chunk_mask = ids[start : start + b], mask[start : start + b]
-    pad = b - len(chunk_ids)
-    if pad:
-      chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], pad, 0)])
-      chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], pad, 0)])
-    feats.append(fn(params, chunk_ids, chunk_mask)[: b - pad])
-  feats = _l2_normalize(jnp.concatenate(feats).astype(jnp.float32))
+  feats = batching.apply_in_batches(lambda i, m: fn(params, i, m), (ids, mask), batch_size)
+  feats = _l2_normalize(jnp.asarray(feats, jnp.float32))
   feats = feats.reshape(len(classnames), len(templates), -1).mean(axis=1)
   return _l2_normalize(feats)
 
@@ -433,27 +426,12 @@ class ClipTeacher:
       batch_size: images per call (the last batch is padded, so one shape compiles); all at once
         when None.
     """
-    return self._batched(
-      lambda x: self._jit_logits(self.params, x, class_embeddings), images_uint8, batch_size
-    )
+    fn = lambda x: self._jit_logits(self.params, x, class_embeddings)  # noqa: E731
+    return jnp.asarray(batching.apply_in_batches(fn, (images_uint8,), batch_size))
 
   def grid_features(
     self, images_uint8, layer: int = -2, batch_size: Optional[int] = None
   ) -> jax.Array:
     """Preprocesses raw images and returns layer ``layer``'s patch features, CLS dropped."""
-    return self._batched(lambda x: self._jit_grid(self.params, x, layer), images_uint8, batch_size)
-
-  @staticmethod
-  def _batched(fn, images, batch_size):
-    images = np.asarray(images)
-    n = len(images)
-    if batch_size is None or n <= batch_size:
-      return fn(images)
-    outs = []
-    for start in range(0, n, batch_size):
-      chunk = images[start : start + batch_size]
-      pad = batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-      outs.append(fn(chunk)[: batch_size - pad])
-    return jnp.concatenate(outs)
+    fn = lambda x: self._jit_grid(self.params, x, layer)  # noqa: E731
+    return jnp.asarray(batching.apply_in_batches(fn, (images_uint8,), batch_size))

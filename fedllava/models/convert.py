@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedllava.models.llava import LlavaModel, fsdp_partition_specs, memory_estimate
+from fedllava.models.llava import LlavaModel, memory_estimate
 from fedllava.models.safetensors_io import read_header, read_tensor
+from fedllava.sharding import fsdp_partition_specs
 
 # Buffers PyTorch may save that have no Flax parameter.
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")

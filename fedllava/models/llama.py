@@ -15,7 +15,7 @@ follow the config. The KV cache is explicit: a tuple of (key, value) arrays per 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -246,10 +246,4 @@ def init_cache(config, batch: int, slots: int, dtype) -> Cache:
   shape = (batch, slots, config.num_key_value_heads, head_dim_of(config))
   return tuple(
     (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)
-  )
-
-
-def cache_shapes(config, batch: int, slots: int) -> Sequence[Tuple[int, ...]]:
-  return [(batch, slots, config.num_key_value_heads, head_dim_of(config))] * (
-    2 * config.num_hidden_layers
   )

@@ -25,8 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fedllava.models import llama as llama_lib
 
@@ -117,12 +115,6 @@ class LlavaModel:
     patches = (vc.image_size // vc.patch_size) ** 2
     self.num_image_tokens = patches + (1 if self.strategy == "full" else 0)
     self.feature_dim = vc.hidden_size * len(self.feature_layers)
-
-  @classmethod
-  def from_pretrained_config(cls, path, **kw):
-    from transformers import LlavaConfig
-
-    return cls(LlavaConfig.from_pretrained(path, local_files_only=True), **kw)
 
   # ---- parameters ----
   def init_params(self, rng):
@@ -326,28 +318,7 @@ class LlavaModel:
     return out
 
 
-# ---- sharding and memory ----
-def fsdp_partition_specs(params, axis_size: int, axis_name: str = "model"):
-  """FSDP-style specs: each array is split over `axis_name` along its largest dimension divisible by
-  `axis_size` (the first such on ties); arrays with no such dimension are replicated."""
-
-  def spec(x):
-    shape = tuple(x.shape)
-    for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
-      if shape[d] >= axis_size and shape[d] % axis_size == 0:
-        parts = [None] * len(shape)
-        parts[d] = axis_name
-        return P(*parts)
-    return P()
-
-  return jax.tree.map(spec, params)
-
-
-def fsdp_shardings(params, mesh, axis_name: str = "model"):
-  specs = fsdp_partition_specs(params, mesh.shape[axis_name], axis_name)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-
-
+# ---- memory ----
 def param_bytes(params, dtype=jnp.bfloat16) -> int:
   """Bytes the parameters take at `dtype` (params may be arrays or ShapeDtypeStructs)."""
   item = np.dtype(dtype).itemsize

@@ -300,3 +300,31 @@ def create_model(model_config, num_classes: int) -> ResNet:
     f"config.model.name={model_config.name!r} is not a known model; "
     "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT)."
   )
+
+
+MODELS = ("resnet8", "resnet50")
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+def validate(model_config) -> None:
+  """Checks ``config.model`` before anything runs; raises ``ValueError`` naming the field."""
+  m = model_config
+  if m.name not in MODELS:
+    raise ValueError(
+      f"config.model.name={m.name!r} is not a known model; "
+      "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT)."
+    )
+  if m.width < 1:
+    raise ValueError(f"config.model.width={m.width} must be >= 1 (CReFF's ResNet-8: 64).")
+  if m.mlp_dim is not None and m.mlp_dim < 1:
+    raise ValueError(
+      f"config.model.mlp_dim={m.mlp_dim} must be >= 1 (CLIP's width, e.g. 1024), or None."
+    )
+  if m.head_on_mlp and m.mlp_dim is None:
+    raise ValueError("config.model.head_on_mlp=True needs config.model.mlp_dim (the MLP's width).")
+  if m.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={m.dtype!r}; choose one of {DTYPES}.")
+  if m.conv_impl not in ("auto",) + CONV_IMPLS:
+    raise ValueError(
+      f"config.model.conv_impl={m.conv_impl!r}; choose 'auto' or one of {CONV_IMPLS}."
+    )

@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from fedllava import algorithms, client, sharding
+from fedllava import algorithms, sharding
+from fedllava.federate import client
 
 PyTree = Any
 STRATEGIES = ("vmap", "map", "group")
@@ -98,12 +99,14 @@ def create_round_fn(
       m["num_steps"],
     )
     stats = algorithms.base.weighted_mean(client_vars["batch_stats"], inputs.weights)
+    new_vars = {"params": params, "batch_stats": stats}
     metrics = {
+      "finite": all_finite(new_vars),
       "train/loss": jnp.sum(inputs.weights * m["loss"]),
       "train/client_loss": m["loss"],
       "train/client_steps": m["num_steps"],
     }
-    return {"params": params, "batch_stats": stats}, server_state, metrics
+    return new_vars, server_state, metrics
 
   repl = sharding.replicated(mesh)
   cs = sharding.client_sharding(mesh)
@@ -112,16 +115,30 @@ def create_round_fn(
   )
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+  """One fused reduction: True iff every element of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def first_nonfinite_leaf(tree: PyTree) -> str | None:
+  """The key path of the first leaf holding a NaN or inf (host side, for the error message)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not np.all(np.isfinite(np.asarray(x))):
+      return jax.tree_util.keystr(path)
+  return None
+
+
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
-  """Round ``round_index``'s clients, as CReFF draws them.
+  """Round ``round_index``'s clients, as CReFF draws them, in CReFF's draw order.
 
   CReFF keeps one ``RandomState(seed)`` and calls ``choice(range(K), m, replace=False)``
   every round; replaying the draws from the seed gives the same sequence after a resume.
+  The order is kept (not sorted): it is the order of FedAvg's weighted sum.
   """
   rs = np.random.RandomState(seed)
   for _ in range(round_index):
     rs.choice(range(num_clients), per_round, replace=False)
-  return np.sort(rs.choice(range(num_clients), per_round, replace=False))
+  return rs.choice(range(num_clients), per_round, replace=False)
 
 
 def build_round_inputs(

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedllava.data.augment import augment, normalize
+
 PyTree = Any
 
 
@@ -67,44 +69,9 @@ def make_batch_plan(
   return BatchPlan(idx.reshape(-1, batch_size), weight.reshape(-1, batch_size), active.reshape(-1))
 
 
-def augment(
-  images: jax.Array, key: jax.Array, padding: int, flip: bool, per_batch: bool
-) -> jax.Array:
-  """Random crop (zero padding) and horizontal flip, on device.
-
-  The images are already normalised, so the padding is zero in normalised space (the mean
-  colour), as in CReFF, which applies its transforms after normalisation.
-
-  Args:
-    images: normalised images ``[B, H, W, C]``.
-    key: the step's key. Example ``i`` uses ``fold_in(key, i)``, so the first ``m`` examples
-      of a padded batch are augmented exactly as an unpadded batch of ``m``.
-    padding: pixels of zero padding before the crop (0 disables cropping).
-    flip: whether to flip half of the time.
-    per_batch: one crop and flip for the whole batch (CReFF applies its torchvision
-      transforms to the batch tensor); otherwise each example draws its own.
-  Returns:
-    Augmented images, same shape.
-  """
-  b, h, w, _ = images.shape
-  if padding == 0 and not flip:
-    return images
-  if per_batch:
-    keys = jnp.broadcast_to(key, (b,) + key.shape)
-  else:
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
-
-  def one(img, k):
-    k_crop, k_flip = jax.random.split(k)
-    if padding:
-      padded = jnp.pad(img, ((padding, padding), (padding, padding), (0, 0)))
-      off = jax.random.randint(k_crop, (2,), 0, 2 * padding + 1)
-      img = jax.lax.dynamic_slice(padded, (off[0], off[1], 0), img.shape)
-    if flip:
-      img = jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
-    return img
-
-  return jax.vmap(one)(images, keys)
+def _float_dtype(params) -> Any:
+  """The parameters' float dtype: inputs are normalised in it (float64 oracles stay exact)."""
+  return jnp.result_type(*jax.tree.leaves(params))
 
 
 class LocalTrainer(NamedTuple):
@@ -135,13 +102,11 @@ def create_local_trainer(
     learning_rate: local SGD step size (CReFF: 0.1, no momentum, no weight decay); the
       optimizer state is fresh every round.
     mean, std: per-channel normalisation applied to ``uint8 / 255``.
-    crop_padding, flip, per_batch_augment: see ``augment``.
+    crop_padding, flip, per_batch_augment: see ``fedllava.data.augment.augment``.
   Returns:
     A ``LocalTrainer``.
   """
   tx = optax.sgd(learning_rate)
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
 
   def loss_fn(params, batch_stats, global_params, x, y, w):
     out, new_vars = model.apply(
@@ -157,7 +122,7 @@ def create_local_trainer(
 
   def step(carry, images, labels, global_params, idx, weight, active, key):
     params, batch_stats, opt_state = carry
-    x = (images[idx].astype(jnp.float32) / 255.0 - mean) / std
+    x = normalize(images[idx], mean, std, _float_dtype(params))
     x = augment(x, key, crop_padding, flip, per_batch_augment)
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype)

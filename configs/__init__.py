@@ -1,0 +1,1 @@
+"""Experiment configs: data only (``common.py`` + one file per experiment)."""

@@ -1,0 +1,138 @@
+"""The base config every experiment starts from, and variant parsing. Data only.
+
+Every number of a run lives in the config, one section per owner: ``data``, ``model``,
+``pretrain`` (stage 1), ``fl`` (stage 2), ``align`` (stage 3), ``eval``, ``checkpoint``,
+``mesh``. Each section's owner validates it (``fedllava.main`` runs every validator before
+anything is written). ``configs/X.py:if=50,algo=fedprox`` picks variants (big_vision's
+``parse_arg``) and ``--config.fl.rounds=5`` overrides single fields. This module imports
+nothing of fedllava.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# CLIP ViT-L/14-336: LLaVA-1.5's vision tower; the paper's zero-shot teacher for Eq. 6.
+CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses ``"if=50,algo=fedprox,runlocal"`` into a ConfigDict over ``defaults``.
+
+  A bare word sets a boolean flag to True; values are converted to the type of the default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config variant {key!r}; known: {sorted(defaults)}.")
+    if not sep:
+      out[key] = True
+    elif isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the paper's CIFAR-10-LT setting (Sec. 4.1), following CReFF's code."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"  # default workdir: workdirs/<name>
+  c.seed = 7  # partition, sampling, init, augmentation (the long tail: data.longtail_seed)
+  c.stages = "federate,align"  # chained in order; each writes under workdir/<stage>/
+  c.workdir = ""  # set by --workdir
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cifar10"
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # imagenet_lt only
+  c.data.imbalance_factor = 100.0
+  # CReFF fixes the long-tail subset with numpy seed 7 whatever --seed says; so do we, so a
+  # seed sweep changes the partition, sampling and init but not the training pool. None:
+  # follow config.seed.
+  c.data.longtail_seed = ml_collections.FieldReference(7, field_type=int)
+  c.data.partition = "creff"  # or "dirichlet" (Hsu et al. 2019, unequal sizes)
+  c.data.dirichlet_alpha = 0.5
+  c.data.crop_padding = 4
+  c.data.flip = True
+  c.data.per_batch_augment = False  # True reproduces CReFF (one crop/flip per batch)
+  c.data.placement = "device"  # client data on device for the run, or "host" per round
+  c.data.synthetic_examples = 1000
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet8"
+  c.model.width = 64  # CReFF ResNet_cifar(resnet_size=8, scaling=4)
+  c.model.mlp_dim = ml_collections.FieldReference(None, field_type=int)  # CLIP width
+  c.model.head_on_mlp = False
+  c.model.dtype = "float32"  # parameters (master weights); "float64" for the oracles
+  c.model.compute_dtype = "float32"  # activations; "bfloat16" with float32 master weights
+  # "xla" (nn.Conv) or "im2col" (same parameters and results, patches x kernel); "auto" picks
+  # what benchmarks/round_speed.py measured faster: im2col on CPU (7.8x on 2 cores), xla on
+  # an H200 (vmapped grouped convolutions 5.1 s/round vs 8.7 s/round with im2col).
+  c.model.conv_impl = "auto"
+
+  c.fl = ml_collections.ConfigDict()
+  c.fl.algorithm = "fedavg"
+  c.fl.num_clients = 20
+  c.fl.clients_per_round = 8  # 40% of 20
+  c.fl.rounds = 200
+  c.fl.local_epochs = 10
+  c.fl.batch_size = 32
+  c.fl.learning_rate = 0.1
+  c.fl.server_lr = 1.0
+  c.fl.prox_mu = 0.01
+  c.fl.server_momentum = 0.9
+  c.fl.client_parallelism = "vmap"  # vmap | map | group
+  c.fl.group_size = 1
+
+  c.align = ml_collections.ConfigDict()  # stage 3, Eq. 5-6
+  c.align.per_class = 10  # D_align: k images per class held out before the long tail
+  c.align.data_dir = ""  # or a folder of labelled images, one sub-folder per class name
+  c.align.teacher = CLIP_L14_336  # CLIP for q (hub name or local dir); "" = none (beta must be 0)
+  c.align.templates = "cifar"  # prompt ensemble for q (data/classnames.py: default|cifar|imagenet)
+  c.align.beta = 1.0  # weight of KL(q || p) in Eq. 6 (the paper does not give its value)
+  c.align.temperature = 1.0  # T in KL(softmax(q/T) || softmax(p/T))
+  c.align.params = "all"  # "all" (Eq. 5 moves w_agg) or "head" (the classifier only)
+  c.align.when = "end"  # "end": once after the last round; "every_round": after each aggregation
+  c.align.optimizer = "sgd"  # sgd | adam
+  c.align.learning_rate = 0.01
+  c.align.momentum = 0.9
+  c.align.epochs = 5  # passes over D_align per alignment
+  c.align.batch_size = 32
+  c.align.bn = "train"  # "train": BN batch statistics (PyTorch model.train()); "frozen"
+  c.align.cache_dir = ""  # where the zero-shot q cache lives ("" = workdir/align)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 1
+  c.eval.batch_size = 500
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10
+  c.checkpoint.keep = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0  # 0: all visible devices
+  return c
+
+
+def cifar_lt_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10/100-LT setting; variants ``if=``, ``algo=``, ``rounds=``, ``k=``
+  (D_align images per class), ``beta=`` (Eq. 6), ``every_round`` (align after each round)."""
+  a = parse_arg(
+    arg,
+    **{"if": 100.0, "algo": "fedavg", "rounds": 200, "k": 10, "beta": 1.0, "every_round": False},
+  )
+  c = base_config()
+  c.name = f"{dataset}_lt_if{a['if']:g}_{a.algo}"
+  c.data.name = dataset
+  c.data.imbalance_factor = a["if"]
+  c.fl.algorithm = a.algo
+  c.fl.rounds = a.rounds
+  c.align.per_class = a.k
+  c.align.beta = a.beta
+  c.align.when = "every_round" if a.every_round else "end"
+  return c

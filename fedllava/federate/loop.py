@@ -1,0 +1,354 @@
+"""Stage 2, federated finetuning (paper Sec. 3.2): the round loop around ``rounds.py``.
+
+``run(config, workdir, init=None, after_round=None)`` builds the long-tailed federated data,
+initialises the global model (from ``init``, stage 1's pretrained backbone, when given),
+restores the last checkpoint if there is one, and for each round samples clients, runs one
+jitted sharded round, applies ``after_round`` (stage 3's per-round alignment, built by
+``main.py``: this stage never imports another) and evaluates on the balanced test set.
+
+It writes, under its stage directory ``workdir``: ``client_histogram.csv``, ``metrics.jsonl`` /
+``metrics.csv`` / ``tb/``, ``checkpoints/``, ``report.json``, ``confusion.png`` and
+``accuracy.png``. A stage whose final checkpoint and report exist is loaded, not rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from tqdm import tqdm
+
+from fedllava import algorithms, checkpoint, evaluate, metrics, predict, report, sharding
+from fedllava.data import federated, partition
+from fedllava.federate import client, rounds
+from fedllava.models import resnet
+from fedllava.stage import StageResult
+
+REPORT = "report.json"
+RoundHook = Callable[[int, dict], dict]  # (rounds completed, variables) -> variables
+
+
+def validate(config) -> None:
+  """Checks ``config.fl``, ``config.eval`` and ``config.checkpoint`` before anything runs.
+
+  Raises:
+    ValueError: naming the field and the fix.
+  """
+  fl = config.fl
+  algorithms.create(fl)  # unknown algorithm -> clear error
+  if fl.num_clients < 1:
+    raise ValueError(f"config.fl.num_clients={fl.num_clients} must be >= 1.")
+  if not 1 <= fl.clients_per_round <= fl.num_clients:
+    raise ValueError(
+      f"config.fl.clients_per_round={fl.clients_per_round} must be between 1 "
+      f"and config.fl.num_clients={fl.num_clients}."
+    )
+  for field in ("rounds", "local_epochs", "batch_size", "group_size"):
+    if fl[field] < 1:
+      raise ValueError(f"config.fl.{field}={fl[field]} must be >= 1.")
+  for field in ("learning_rate", "server_lr"):
+    if not (fl[field] > 0 and math.isfinite(fl[field])):
+      raise ValueError(
+        f"config.fl.{field}={fl[field]} must be a finite number > 0 (CReFF: learning_rate "
+        "0.1, server_lr 1.0)."
+      )
+  if not (fl.prox_mu >= 0 and math.isfinite(fl.prox_mu)):
+    raise ValueError(f"config.fl.prox_mu={fl.prox_mu} must be a finite number >= 0.")
+  if not (0 <= fl.server_momentum < 1):
+    raise ValueError(f"config.fl.server_momentum={fl.server_momentum} must be in [0, 1).")
+  if fl.client_parallelism not in rounds.STRATEGIES:
+    raise ValueError(
+      f"config.fl.client_parallelism={fl.client_parallelism!r}; choose one of {rounds.STRATEGIES}."
+    )
+  if fl.client_parallelism == "group":
+    devices = config.mesh.num_devices or jax.device_count()
+    per_device = -(-fl.clients_per_round // devices)
+    if per_device % fl.group_size:
+      raise ValueError(
+        f"config.fl.group_size={fl.group_size} must divide the clients per device "
+        f"({fl.clients_per_round} clients per round over {devices} devices = {per_device}); "
+        f"pick a divisor of {per_device}."
+      )
+  if config.eval.every < 1:
+    raise ValueError(f"config.eval.every={config.eval.every} must be >= 1 (rounds between tests).")
+  if config.eval.batch_size < 1:
+    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be >= 1.")
+  if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
+    raise ValueError("config.checkpoint.every and config.checkpoint.keep must be >= 1.")
+
+
+def _named_keys(seed: int) -> dict:
+  root = jax.random.PRNGKey(seed)
+  return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "augment"))}
+
+
+def start_from(fresh: dict, init: dict) -> dict:
+  """Stage 1's handoff: the pretrained backbone and feature MLP, with a fresh classifier.
+
+  Args:
+    fresh: this run's freshly initialised variables.
+    init: a previous stage's variables (its classifier, if any, is dropped).
+  Returns:
+    ``fresh`` with every non-classifier leaf taken from ``init``.
+  Raises:
+    ValueError: ``init`` does not fit ``config.model`` (a missing, extra or reshaped leaf).
+  """
+  fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
+  init_flat = {
+    k: v
+    for k, v in traverse_util.flatten_dict(init, sep="/").items()
+    if "/classifier/" not in f"/{k}"
+  }
+  body = {k for k in fresh_flat if "/classifier/" not in f"/{k}"}
+  problems = sorted(body ^ set(init_flat))
+  problems += [
+    f"{k}: {tuple(init_flat[k].shape)} vs {tuple(fresh_flat[k].shape)}"
+    for k in sorted(body & set(init_flat))
+    if tuple(init_flat[k].shape) != tuple(fresh_flat[k].shape)
+  ]
+  if problems:
+    raise ValueError(
+      "the pretrained model does not fit config.model (differences: "
+      f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}); pretrain and "
+      "federate must use the same config.model (name, width, mlp_dim)."
+    )
+  out = dict(fresh_flat)
+  for k, v in init_flat.items():
+    out[k] = jnp.asarray(v, fresh_flat[k].dtype)
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def is_complete(workdir: str, config) -> bool:
+  """Whether this stage finished in ``workdir`` (its last round is saved and reported)."""
+  if not os.path.exists(os.path.join(workdir, REPORT)):
+    return False
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 1, config.checkpoint.keep)
+  try:
+    return ckpt.latest_round() == config.fl.rounds
+  finally:
+    ckpt.close()
+
+
+def run(
+  config,
+  workdir: str,
+  init: Optional[StageResult] = None,
+  *,
+  after_round: Optional[RoundHook] = None,
+  started: Optional[Callable[[], None]] = None,
+) -> StageResult:
+  """Runs (or resumes, or loads when complete) federated finetuning.
+
+  Args:
+    config: the run's config (``data``, ``model``, ``fl``, ``eval``, ``checkpoint``, ``mesh``).
+    workdir: this stage's directory.
+    init: the previous stage's result; its variables initialise the backbone (``start_from``).
+    after_round: called after every aggregation with (rounds completed, variables); its
+      result is the global model clients receive next round (stage 3, ``align.when =
+      "every_round"``). It must be deterministic, so a resumed run replays it exactly.
+    started: called once the data and model are built, before this stage writes anything.
+  Returns:
+    ``StageResult(variables, report)``; ``report`` holds ``final`` (the last round's test
+    report), ``best`` and ``curve`` (``[(round, top1)]``).
+  """
+  d, fl = config.data, config.fl
+  complete = is_complete(workdir, config)
+  data = federated.build(config)
+  mesh = sharding.create_client_mesh(config.mesh.num_devices or None)
+  model = resnet.create_model(config.model, data.num_classes)
+  keys = _named_keys(config.seed)
+  variables = model.init(keys["init"], jnp.zeros((1,) + data.images.shape[2:], jnp.float32))
+  if init is not None and init.variables is not None:
+    variables = start_from(variables, init.variables)
+  algo = algorithms.create(fl)
+  state = {"variables": variables, "server_state": algo.server_optimizer.init(variables["params"])}
+  repl = sharding.replicated(mesh)
+  predict_fn = predict.create_predict_fn(model, data.norm.mean, data.norm.std, mesh)
+
+  def test_report(variables):
+    preds = predict.predict_all(
+      predict_fn, variables, data.test.images, config.eval.batch_size, mesh
+    )
+    return evaluate.classification_report(
+      data.test.labels, preds, data.num_classes, data.class_counts
+    )
+
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep
+  )
+  if (ckpt.latest_round() or 0) > fl.rounds:
+    done = ckpt.latest_round()
+    ckpt.close()
+    raise ValueError(
+      f"{workdir} holds a run finished at round {done}, past config.fl.rounds={fl.rounds}; "
+      f"reporting its round-{done} model as round {fl.rounds}'s would be wrong. Set "
+      f"--config.fl.rounds={done} (or more), or use a new --workdir."
+    )
+  done, state, meta, notes = ckpt.restore_latest(state)
+  for note in notes:
+    print(note)
+  meta = meta or {"best_top1": None, "best_round": None, "scalars": None}
+  complete = complete and done == fl.rounds
+  state = jax.device_put(state, repl)
+  if started is not None:
+    started()
+  if complete:  # loaded, not rerun: nothing is rewritten
+    ckpt.close()
+    with open(os.path.join(workdir, REPORT)) as f:
+      saved = json.load(f)
+    print(f"[federate] complete in {workdir} (round {done}); loaded, not rerun")
+    return StageResult(state["variables"], saved)
+  if done:
+    print(f"[resume] federate: restored round {done} from {workdir}/checkpoints")
+
+  print(
+    f"[data] {d.name}: {len(data.train)} long-tailed training images "
+    f"(IF={d.imbalance_factor:g}) over {fl.num_clients} clients, {len(data.test)} test images"
+    + (f", {len(data.align)} held out for D_align" if data.align is not None else "")
+  )
+  print(partition.format_histogram(data.histogram))
+  partition.save_histogram(data.histogram, os.path.join(workdir, "client_histogram.csv"))
+
+  trainer = client.create_local_trainer(
+    model,
+    algo,
+    learning_rate=fl.learning_rate,
+    mean=data.norm.mean,
+    std=data.norm.std,
+    crop_padding=d.crop_padding,
+    flip=d.flip,
+    per_batch_augment=d.per_batch_augment,
+  )
+  round_fn = rounds.create_round_fn(trainer, algo, mesh, fl.client_parallelism, fl.group_size)
+
+  cs = sharding.client_sharding(mesh)
+  if d.placement == "device":  # the whole client store lives on device for the run
+    store = jax.device_put((data.images, data.labels), repl)
+    gather = jax.jit(lambda s, ids: (s[0][ids], s[1][ids]), out_shardings=(cs, cs))
+  else:
+    store = (data.images, data.labels)
+    gather = lambda s, ids: jax.device_put((s[0][ids], s[1][ids]), cs)  # noqa: E731
+  pad_to = sharding.pad_to_multiple(fl.clients_per_round, mesh)
+  n_max = data.images.shape[1]
+  param_dtype = jax.tree.leaves(state["variables"]["params"])[0].dtype
+  upload = rounds.upload_bytes(state["variables"])
+  print(
+    f"[fl] {algo.name}: {fl.clients_per_round} of {fl.num_clients} clients per round, "
+    f"{fl.local_epochs} local epochs, batch {fl.batch_size}; each client uploads "
+    f"{upload / 2**20:.2f} MiB of parameters + BN statistics per round; {mesh.size} device(s)"
+    + ("; aligned after every round" if after_round is not None else "")
+  )
+
+  writer = metrics.MetricWriter(workdir, resume_step=done, active=jax.process_index() == 0)
+  if done and meta.get("scalars") and done not in {r["step"] for r in writer.history()}:
+    writer.write(done, meta["scalars"])  # a torn last line at the checkpoint's own round
+  final = None
+  bar = tqdm(
+    range(done, fl.rounds),
+    initial=done,
+    total=fl.rounds,
+    desc="rounds",
+    disable=jax.process_index() != 0,
+  )
+  for r in bar:
+    t0 = time.perf_counter()
+    selected = rounds.sample_clients(config.seed, r, fl.num_clients, fl.clients_per_round)
+    inputs, ids = rounds.build_round_inputs(
+      selected,
+      data.sizes,
+      n_max,
+      epochs=fl.local_epochs,
+      batch_size=fl.batch_size,
+      seed=config.seed,
+      round_index=r,
+      pad_to=pad_to,
+      aug_key=keys["augment"],
+    )
+    images, labels = gather(store, jnp.asarray(ids))
+    inputs = inputs._replace(
+      images=images,
+      labels=labels,
+      plan=jax.device_put(inputs.plan, cs),
+      keys=jax.device_put(inputs.keys, cs),
+      weights=jax.device_put(inputs.weights.astype(param_dtype), cs),
+    )
+    variables, server_state, m = round_fn(state["variables"], state["server_state"], inputs)
+    if not bool(m["finite"]):
+      _diverged(r + 1, variables, ckpt, writer)
+    if after_round is not None:
+      variables = after_round(r + 1, variables)
+      if not bool(rounds.all_finite(variables)):
+        _diverged(r + 1, variables, ckpt, writer, where="after alignment")
+    state = {"variables": variables, "server_state": server_state}
+    scalars = {
+      "train/loss": float(m["train/loss"]),
+      "comm/upload_bytes_per_client": upload,
+      "comm/upload_bytes_total": upload * len(selected),
+    }
+    scalars["time/round_s"] = time.perf_counter() - t0
+    last = r + 1 == fl.rounds
+    if (r + 1) % config.eval.every == 0 or last:
+      final = test_report(variables)
+      scalars.update(
+        {f"test/{k}": final[k] for k in ("top1", "many", "medium", "few") if final[k] is not None}
+      )
+      if meta["best_top1"] is None or final["top1"] > meta["best_top1"]:
+        meta = {"best_top1": final["top1"], "best_round": r + 1}
+    meta = {**meta, "scalars": scalars}
+    writer.write(r + 1, scalars)
+    ckpt.save(r + 1, state, meta, force=last)
+    bar.set_postfix(
+      loss=f"{scalars['train/loss']:.3f}",
+      acc=f"{scalars.get('test/top1', float('nan')):.2f}",
+      s_per_round=f"{scalars['time/round_s']:.2f}",
+    )
+  bar.close()
+  ckpt.close()
+  history = writer.history()
+  writer.close()
+  if final is None:  # resumed at the last round: evaluate the restored model
+    final = test_report(state["variables"])
+  out = _write_outputs(workdir, final, meta, history, data.test.class_names)
+  return StageResult(state["variables"], out)
+
+
+def _diverged(round_index, variables, ckpt, writer, where="after aggregation"):
+  leaf = rounds.first_nonfinite_leaf(variables)
+  last = ckpt.latest_round()
+  ckpt.close()
+  writer.close()
+  raise FloatingPointError(
+    f"round {round_index}: the global model holds a non-finite value {where} (first: "
+    f"{leaf}); this state was not saved and the last checkpoint "
+    f"({'round ' + str(last) if last else 'none yet'}) is intact. Lower "
+    "config.fl.learning_rate (or config.fl.server_lr / config.align.learning_rate) and rerun."
+  )
+
+
+def _write_outputs(workdir, final, meta, history, names) -> dict:
+  print(report.format_report(final, names))
+  print(
+    f"final round top-1 {final['top1']:.2f}%; best round {meta['best_round']}: "
+    f"{meta['best_top1']:.2f}% (best-of-run, labelled as such)"
+  )
+  curve = [(r["step"], r["test/top1"]) for r in history if "test/top1" in r]
+  out = {
+    "final": report.to_jsonable(final),
+    "best": {"best_top1": meta["best_top1"], "best_round": meta["best_round"]},
+    "curve": curve,
+    "class_names": list(names) if names else None,
+  }
+  if jax.process_index() != 0:
+    return out
+  report.save_confusion_png(final["confusion"], os.path.join(workdir, "confusion.png"), names)
+  if history:
+    rows = [{"round": r["step"], **r} for r in history]  # metric step = rounds completed
+    report.save_curve_png(rows, os.path.join(workdir, "accuracy.png"))
+  report.write_json(os.path.join(workdir, REPORT), out)
+  return out

@@ -1,0 +1,1 @@
+"""Stage 1: global multimodal pretraining of the FL model (annotation, DWP, few-shot check)."""
