@@ -80,6 +80,20 @@ def _new_figure(width: float, height: float, dpi: int = 100):
   return fig
 
 
+def _label_confusion_axes(ax, num_classes: int, class_names, fontsize: int) -> None:
+  """Axis titles, and class tick labels for up to ``_TICKS_MAX`` classes (none above)."""
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  if num_classes <= _TICKS_MAX:
+    ticks = np.arange(num_classes)
+    labels = list(class_names) if class_names is not None else [str(t) for t in ticks]
+    ax.set_xticks(ticks, labels, rotation=90 if class_names is not None else 0, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+  else:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def save_confusion_png(confusion, path: str, class_names: Optional[Sequence[str]] = None) -> None:
   """Writes a two-panel confusion figure: raw counts and row-normalised rates.
 
@@ -111,16 +125,7 @@ def save_confusion_png(confusion, path: str, class_names: Optional[Sequence[str]
     im = ax.imshow(matrix, cmap="Blues", vmin=vmin, vmax=vmax, interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(f"{title}, {num_classes} classes")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if num_classes <= _TICKS_MAX:
-      ticks = np.arange(num_classes)
-      labels = list(class_names) if class_names is not None else [str(t) for t in ticks]
-      ax.set_xticks(ticks, labels, rotation=90 if class_names is not None else 0, fontsize=8)
-      ax.set_yticks(ticks, labels, fontsize=8)
-    else:
-      ax.set_xticks([])
-      ax.set_yticks([])
+    _label_confusion_axes(ax, num_classes, class_names, fontsize=8)
     if small:
       fontsize = 8 if num_classes <= 10 else 6
       for (r, c), v in np.ndenumerate(matrix):
@@ -231,16 +236,7 @@ def save_confusion_comparison_png(
     ax = fig.add_subplot(1, len(panels), i + 1)
     im = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(f"{title} (row-normalised)")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if num_classes <= _TICKS_MAX:
-      ticks = np.arange(num_classes)
-      labels = list(class_names) if class_names is not None else [str(t) for t in ticks]
-      ax.set_xticks(ticks, labels, rotation=90 if class_names is not None else 0, fontsize=7)
-      ax.set_yticks(ticks, labels, fontsize=7)
-    else:
-      ax.set_xticks([])
-      ax.set_yticks([])
+    _label_confusion_axes(ax, num_classes, class_names, fontsize=7)
     if small:
       for (r, c), v in np.ndenumerate(matrix):
         color = "white" if v > 0.5 else "black"

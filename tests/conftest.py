@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,6 +11,35 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_digits(rounds=3, **overrides):
+  """The offline default at CI size: digits-LT, 4 of 20 clients a round, 2 devices; overrides
+  are dotted field names (``tiny_digits(2, **{"fl.server_lr": 2.0})``)."""
+  from configs import digits_lt
+
+  c = digits_lt.get_config("tiny")
+  c.fl.rounds = rounds
+  c.fl.clients_per_round = 4
+  c.mesh.num_devices = 2
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def three_class_example():
+  """Balanced test set, 4 examples per class; train counts [150, 50, 5]: class 0 is many (>100),
+  class 1 medium (20..100), class 2 few (<20)."""
+  labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+  preds = [0, 0, 0, 1, 1, 1, 0, 2, 2, 0, 0, 1]
+  return labels, preds, [150, 50, 5]
 
 
 @pytest.fixture

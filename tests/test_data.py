@@ -1,11 +1,18 @@
 """Oracle tests for data sources, CReFF's long tail and CReFF's client partition."""
 
+import functools
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 
-from fedllava.data import longtail, partition, sources
+from fedllava.data import federated, longtail, partition, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import digits_lt  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # CIFAR-10-LT, IF=100, n_max=5000 (CReFF / Cui et al. 2019); given by the spec.
 CIFAR10_LT100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -146,6 +153,162 @@ def test_dirichlet_groups_cover_their_chunk(num_clients):
   # creff_partition = concatenate the workers, then cut into equal contiguous parts.
   parts = partition.creff_partition(labels, num_clients, alpha, seed)
   np.testing.assert_array_equal(np.concatenate(parts), np.concatenate(groups))
+
+
+# An independent transcription of CReFF-FL's data pipeline (shangxinyi/CReFF-FL:
+# Dataset/dataset.py classify_label, Dataset/long_tailed_cifar10.py train_long_tail,
+# Dataset/sample_dirichlet.py clients_indices / build_non_iid_by_dirichlet /
+# partition_balance), written as plain Python lists the way that code runs.
+
+
+def _creff_classify_label(labels, num_classes):
+  out = [[] for _ in range(num_classes)]
+  for idx, y in enumerate(labels.tolist()):
+    out[y].append(idx)
+  return out
+
+
+def _creff_train_long_tail(list_label2indices, num_classes, imb_factor):
+  """imb_factor is CReFF's (0.01 for IF=100); numpy's global generator, as CReFF seeds it."""
+  img_max = sum(len(x) for x in list_label2indices) / num_classes
+  img_num = [int(img_max * (imb_factor ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
+  out = []
+  for c, n in zip(range(num_classes), img_num):
+    indices = list(list_label2indices[c])
+    np.random.shuffle(indices)
+    out.append(indices[:n])
+  return out
+
+
+def _creff_partition_balance(idxs, num_split):
+  num_per_part, r = len(idxs) // num_split, len(idxs) % num_split
+  parts, i, r_used = [], 0, 0
+  while i < len(idxs):
+    if r_used < r:
+      parts.append(idxs[i : i + num_per_part + 1])
+      i += num_per_part + 1
+      r_used += 1
+    else:
+      parts.append(idxs[i : i + num_per_part])
+      i += num_per_part
+  return parts
+
+
+def _creff_dirichlet(seed, indices2targets, alpha, num_classes, num_indices, n_workers):
+  random_state = np.random.RandomState(seed)
+  n_auxi = 10
+  random_state.shuffle(indices2targets)
+  num_splits = math.ceil(n_workers / n_auxi)
+  from_index, splitted = 0, []
+  for idx in range(num_splits):
+    to_index = from_index + int(n_auxi / n_workers * num_indices)
+    splitted.append(
+      indices2targets[from_index : (num_indices if idx == num_splits - 1 else to_index)]
+    )
+    from_index = to_index
+  idx_batch = []
+  for targets in splitted:
+    targets = np.array(targets)
+    size = len(targets)
+    w = min(n_auxi, n_workers)
+    n_workers = n_workers - n_auxi
+    min_size, batch = 0, None
+    while min_size < int(0.50 * size / w):
+      batch = [[] for _ in range(w)]
+      for c in range(num_classes):
+        idx_class = targets[np.where(targets[:, 1] == c)[0], 0]
+        p = random_state.dirichlet(np.repeat(alpha, w))
+        p = np.array([pj * (len(bj) < size / w) for pj, bj in zip(p, batch)])
+        with np.errstate(all="ignore"):  # CReFF's 0/0 for an empty class: NaN cuts, no items
+          p = p / p.sum()
+          cuts = (np.cumsum(p) * len(idx_class)).astype(int)[:-1]
+        batch = [bj + piece.tolist() for bj, piece in zip(batch, np.split(idx_class, cuts))]
+        min_size = min(len(bj) for bj in batch)
+    if batch is not None:
+      idx_batch += batch
+  return idx_batch
+
+
+def _creff_clients(labels, num_classes, imb_factor, num_clients, alpha, seed):
+  """CReFF main.py: np.random.seed(7); classify_label; train_long_tail; clients_indices."""
+  state = np.random.get_state()
+  try:
+    np.random.seed(7)
+    lt = _creff_train_long_tail(_creff_classify_label(labels, num_classes), num_classes, imb_factor)
+  finally:
+    np.random.set_state(state)
+  indices2targets = [(idx, label) for label, indices in enumerate(lt) for idx in indices]
+  batches = _creff_dirichlet(
+    seed, indices2targets, alpha, num_classes, len(indices2targets), num_clients
+  )
+  flat = functools.reduce(lambda x, y: x + y, batches)
+  return _creff_partition_balance(flat, num_clients)
+
+
+@pytest.mark.parametrize(
+  "num_classes, per_class, imbalance_factor, num_clients, alpha, seed",
+  [
+    (10, 5000, 100, 20, 0.5, 7),  # CIFAR-10-LT as the paper runs it
+    (10, 5000, 50, 20, 0.1, 7),
+    (10, 5000, 10, 20, 0.5, 3),
+    (10, 5000, 10, 20, 0.1, 0),  # a redraw ends on min == int(0.5 S / W) exactly
+    (10, 5000, 100, 25, 0.1, 1),  # a short last group of 5 workers
+    (10, 300, 100, 20, 0.5, 0),  # a worker at exactly S / W gets no further share
+    (100, 500, 100, 20, 0.5, 7),  # CIFAR-100-LT
+    (100, 500, 50, 20, 0.1, 7),
+    (100, 500, 10, 20, 0.1, 2),
+  ],
+)
+def test_clients_match_creff_transcription_index_for_index(
+  num_classes, per_class, imbalance_factor, num_clients, alpha, seed
+):
+  """make_longtail(RandomState(7)) + creff_partition = CReFF's client index lists, exactly."""
+  # CIFAR-sized balanced labels in a shuffled "dataset order".
+  labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes), per_class))
+  want = _creff_clients(labels, num_classes, 1 / imbalance_factor, num_clients, alpha, seed)
+  kept = longtail.make_longtail(labels, num_classes, imbalance_factor, np.random.RandomState(7))
+  parts = partition.creff_partition(labels[kept], num_clients, alpha, seed, num_classes=num_classes)
+  assert len(parts) == len(want) == num_clients
+  for k, (ours, theirs) in enumerate(zip(parts, want)):
+    assert kept[ours].tolist() == [int(i) for i in theirs], f"client {k}"
+
+
+def _digits_config(seed, per_class=0, **data):
+  c = digits_lt.get_config("tiny")
+  c.seed = seed
+  c.align.per_class = per_class  # 0: CReFF has no D_align
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+@pytest.mark.parametrize("per_class", [0, 10])
+def test_longtail_seed_fixes_the_pool_across_config_seeds(per_class):
+  """Default longtail_seed=7 (CReFF's np.random.seed(7)): seeds change partitions, not the pool
+  (nor D_align, which is held out with the long tail's seed)."""
+  a, b = _digits_config(7, per_class), _digits_config(8, per_class)
+  assert a.data.longtail_seed == 7 == b.data.longtail_seed
+  full = sources.load_dataset("digits", "train")
+  np.testing.assert_array_equal(federated._pools(a, full)[1], federated._pools(b, full)[1])
+  da, db = federated.build(a), federated.build(b)
+  np.testing.assert_array_equal(da.train.labels, db.train.labels)
+  np.testing.assert_array_equal(da.train.images, db.train.images)
+  assert not np.array_equal(da.histogram, db.histogram)  # the partition follows config.seed
+  assert not np.array_equal(da.labels, db.labels)
+  np.testing.assert_array_equal(da.align_indices, db.align_indices)
+
+
+def test_longtail_seed_none_follows_config_seed():
+  full = sources.load_dataset("digits", "train")
+  pool = lambda c: federated._pools(c, full)[1]  # noqa: E731
+  follow8 = pool(_digits_config(8, longtail_seed=None))
+  np.testing.assert_array_equal(follow8, pool(_digits_config(8, longtail_seed=8)))
+  assert not np.array_equal(follow8, pool(_digits_config(8)))  # the default 7
+  assert not np.array_equal(follow8, pool(_digits_config(7, longtail_seed=None)))
+  np.testing.assert_array_equal(
+    federated.build(_digits_config(8, longtail_seed=None)).train.labels,
+    full.labels[follow8],
+  )
 
 
 def test_creff_partition_is_non_iid():

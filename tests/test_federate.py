@@ -8,27 +8,16 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_digits
 
 from fedllava import federate, main
 from fedllava.federate import rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
-import digits_lt  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def _tiny(rounds_=3, **over):
-  c = digits_lt.get_config("tiny")
-  c.fl.rounds = rounds_
-  c.fl.clients_per_round = 4
-  c.mesh.num_devices = 2
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+_tiny = tiny_digits
 
 
 def test_cli_runs_and_writes_outputs(tmp_path):

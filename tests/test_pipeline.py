@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_digits
 
 from fedllava import align, main
 
@@ -14,19 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import digits_lt  # noqa: E402  pylint: disable=g-import-not-at-top
 
-
-def _tiny(rounds=2, **over):
-  c = digits_lt.get_config("tiny")
-  c.fl.rounds = rounds
-  c.fl.clients_per_round = 4
-  c.mesh.num_devices = 2
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+_tiny = tiny_digits
 
 
 def _assert_same(a, b):

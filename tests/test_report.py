@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import three_class_example
 
 from fedllava import evaluate, report
 
@@ -18,12 +19,7 @@ def _assert_png(path):
   assert not leftovers, leftovers
 
 
-def _three_class_example():
-  # Balanced test set, 4 examples per class. Train counts [150, 50, 5]: class 0 is many (> 100),
-  # class 1 medium (20..100), class 2 few (< 20).
-  labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
-  preds = [0, 0, 0, 1, 1, 1, 0, 2, 2, 0, 0, 1]
-  return labels, preds, [150, 50, 5]
+_three_class_example = three_class_example
 
 
 def test_format_report():

@@ -4,6 +4,7 @@ Whole rounds are compared in float64 (two correct float32 implementations of BN 
 drift apart by ~1e-4 after a few steps; DESIGN.md, "The CReFF protocol").
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,9 +17,14 @@ from fedllava.models import resnet
 
 SIZES = np.array([11, 5, 8])  # unequal clients; batch 4 gives partial batches
 BATCH, EPOCHS, LR = 4, 2, 0.1
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+# CIFAR-10's statistics: a real normalisation, not mean 0 / std 1, so the oracles see it.
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
+def _fedavg_weights(ids, n_real):
+  """FedAvg's p_k = |D_k| / sum |D_k| from the test's own client sizes (not the code's)."""
+  n = SIZES[np.asarray(ids[:n_real])].astype(np.float64)
+  return n / n.sum()
 
 
 def _model(dtype="float64", conv_impl="auto"):
@@ -92,7 +98,7 @@ def _loop_round(trainer, variables, images, labels, inputs, ids, n_real):
         key,
       )
     results.append({"params": carry[0], "batch_stats": carry[1]})
-  w = np.asarray(inputs.weights[:n_real])
+  w = _fedavg_weights(ids, n_real)
   return jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *results)
 
 
@@ -269,22 +275,193 @@ def test_batch_plan_covers_each_example_once_per_epoch():
     client.make_batch_plan(0, 20, 1, 4, np.random.default_rng(0))
 
 
-def test_sample_clients_is_creff_sequence_and_resumable():
-  rs = np.random.RandomState(4)
-  seq = [np.sort(rs.choice(range(20), 8, replace=False)) for _ in range(3)]
-  for r in range(3):
-    np.testing.assert_array_equal(rounds.sample_clients(4, r, 20, 8), seq[r])
+@pytest.mark.parametrize("seed, num_clients, per_round", [(4, 20, 8), (7, 20, 8), (0, 10, 3)])
+def test_sample_clients_is_creff_sequence_and_resumable(seed, num_clients, per_round):
+  """CReFF: one RandomState(seed), ``choice(range(K), m, replace=False)`` every round, unsorted."""
+  rs = np.random.RandomState(seed)
+  seq = [rs.choice(range(num_clients), per_round, replace=False) for _ in range(6)]
+  assert any(np.any(np.diff(x) < 0) for x in seq)  # the draw order is not sorted
+  for r in range(6):
+    got = rounds.sample_clients(seed, r, num_clients, per_round)
+    assert got.tolist() == seq[r].tolist()
 
 
 def test_second_round_compiles_nothing(x64):
-  """Fixed shapes: a new round (other clients, plans, keys, weights) reuses the executable."""
+  """Fixed shapes: a new round (other clients, plans, keys, weights) reuses the executable.
+
+  Public checks only: ``chex.assert_max_traces`` on the local training (a retrace of the round
+  traces it again) and a ``jax.monitoring`` listener on XLA backend compilations (a recompile
+  without a retrace, e.g. for other input shardings, still compiles).
+  """
   model, images, labels, variables = _setup()
   algo = algorithms.fedavg.create()
   mesh = sharding.create_client_mesh(1)
-  fn = rounds.create_round_fn(_trainer(model, algo), algo, mesh, "vmap")
+  trainer = _trainer(model, algo)
+  trainer = trainer._replace(train=chex.assert_max_traces(trainer.train, n=1))
+  fn = rounds.create_round_fn(trainer, algo, mesh, "vmap")
   state = jax.device_put(algo.server_optimizer.init(variables["params"]), sharding.replicated(mesh))
   v = jax.device_put(variables, sharding.replicated(mesh))  # as federate.run places the state
-  for r, sel in enumerate(([0, 1], [1, 2], [0, 2])):
-    inputs, _ = _inputs(images, labels, sel, pad_to=2, round_index=r)
-    v, state, _ = fn(v, state, inputs)
-  assert fn._cache_size() == 1
+  all_inputs = [
+    _inputs(images, labels, sel, pad_to=2, round_index=r)[0]
+    for r, sel in enumerate(([0, 1], [1, 2], [0, 2]))
+  ]
+  compiles = []
+
+  def on_event(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  v, state, _ = fn(v, state, all_inputs[0])
+  jax.block_until_ready(v)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    for inputs in all_inputs[1:]:
+      v, state, _ = fn(v, state, inputs)
+    jax.block_until_ready(v)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert compiles == []
+
+
+def test_round_weights_are_client_sizes():
+  """FedAvg's weights |D_k| / sum |D_k| in draw order; padding clients weigh 0."""
+  inputs, ids = rounds.build_round_inputs(
+    [2, 0, 1],
+    SIZES,
+    int(SIZES.max()),
+    epochs=1,
+    batch_size=BATCH,
+    seed=0,
+    round_index=0,
+    pad_to=5,
+    aug_key=jax.random.PRNGKey(0),
+  )
+  np.testing.assert_allclose(inputs.weights, [8 / 24, 11 / 24, 5 / 24, 0, 0], atol=1e-15)
+  assert ids[:3].tolist() == [2, 0, 1]
+  assert not np.asarray(inputs.plan.active[3:]).any()
+
+
+def _hand_sgd_step(model, params, batch_stats, images_u8, labels, global_params, mu):
+  """Plain SGD on the mean cross-entropy plus mu * (w - w_g): jax.grad and a hand update.
+
+  Normalisation by hand in float64, no augmentation, train-mode BN over the whole batch.
+  """
+  x = (np.asarray(images_u8, np.float64) / 255.0 - np.asarray(MEAN)) / np.asarray(STD)
+  y = np.asarray(labels)
+
+  def ce(p):
+    out, new = model.apply(
+      {"params": p, "batch_stats": batch_stats}, jnp.asarray(x), train=True, mutable=["batch_stats"]
+    )
+    logp = jax.nn.log_softmax(out["logits"])
+    return -jnp.mean(logp[jnp.arange(len(y)), y]), new["batch_stats"]
+
+  (loss, stats), g = jax.value_and_grad(ce, has_aux=True)(params)
+  new = jax.tree.map(lambda w, gw, wg: w - LR * (gw + mu * (w - wg)), params, g, global_params)
+  return new, stats, loss
+
+
+def _plain_trainer(model, algo):
+  return client.create_local_trainer(
+    model,
+    algo,
+    learning_rate=LR,
+    mean=MEAN,
+    std=STD,
+    crop_padding=0,
+    flip=False,
+    per_batch_augment=False,
+  )
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.7])
+def test_fedprox_step_closed_form(x64, mu):
+  """One FedProx step from w != w_g: ``w - lr * (grad F(w) + mu * (w - w_g))`` (prox mu/2)."""
+  model, images, labels, variables = _setup()
+  trainer = _plain_trainer(model, algorithms.fedprox.create(mu))
+  global_params = variables["params"]
+  noise = jax.random.PRNGKey(11)
+  leaves, tree = jax.tree.flatten(global_params)
+  keys = jax.random.split(noise, len(leaves))
+  start = jax.tree.unflatten(
+    tree, [w + 0.05 * jax.random.normal(k, w.shape, w.dtype) for w, k in zip(leaves, keys)]
+  )
+  carry = trainer.init_carry({"params": start, "batch_stats": variables["batch_stats"]})
+  idx = jnp.array([3, 1, 7, 0, 9])
+  (params, stats, _), loss = trainer.step(
+    carry,
+    jnp.asarray(images[0]),
+    jnp.asarray(labels[0]),
+    global_params,
+    idx,
+    jnp.ones(5),
+    True,
+    jax.random.PRNGKey(0),
+  )
+  want, want_stats, want_ce = _hand_sgd_step(
+    model,
+    start,
+    variables["batch_stats"],
+    images[0][np.asarray(idx)],
+    labels[0][np.asarray(idx)],
+    global_params,
+    mu,
+  )
+  _assert_close(params, want, 1e-10)
+  _assert_close(stats, want_stats, 1e-10)
+  sq = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(start), leaves))
+  np.testing.assert_allclose(loss, float(want_ce) + 0.5 * mu * sq, atol=1e-10)
+  if mu:  # the proximal pull is really in there
+    plain = _hand_sgd_step(
+      model,
+      start,
+      variables["batch_stats"],
+      images[0][np.asarray(idx)],
+      labels[0][np.asarray(idx)],
+      global_params,
+      0.0,
+    )[0]
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, (want, plain))))
+    assert diff > 1e-4
+
+
+def test_fedavg_one_client_one_step_is_plain_sgd(x64):
+  """A round of one client with one local step: the server model is that client's SGD step."""
+  model, images, labels, variables = _setup()
+  algo = algorithms.fedavg.create()
+  trainer = _plain_trainer(model, algo)
+  sizes = np.array([BATCH])
+  inputs, _ = rounds.build_round_inputs(
+    [0],
+    sizes,
+    BATCH,
+    epochs=1,
+    batch_size=BATCH,
+    seed=0,
+    round_index=0,
+    pad_to=1,
+    aug_key=jax.random.PRNGKey(0),
+  )
+  assert int(inputs.plan.active.sum()) == 1
+  inputs = inputs._replace(
+    images=jnp.asarray(images[:1, :BATCH]),
+    labels=jnp.asarray(labels[:1, :BATCH]),
+    weights=jnp.asarray(inputs.weights),
+  )
+  fn = rounds.create_round_fn(trainer, algo, sharding.create_client_mesh(1), "vmap")
+  v = jax.tree.map(jnp.array, variables)
+  new, _, metrics = fn(v, algo.server_optimizer.init(v["params"]), inputs)
+  # BN statistics and the mean loss do not depend on the batch order: use all BATCH examples.
+  want, want_stats, want_loss = _hand_sgd_step(
+    model,
+    variables["params"],
+    variables["batch_stats"],
+    images[0, :BATCH],
+    labels[0, :BATCH],
+    variables["params"],
+    0.0,
+  )
+  _assert_close(new["params"], want, 1e-10)
+  _assert_close(new["batch_stats"], want_stats, 1e-10)
+  np.testing.assert_allclose(metrics["train/loss"], want_loss, atol=1e-10)

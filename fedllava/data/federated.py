@@ -4,7 +4,8 @@ Seeds (DESIGN.md, "The CReFF protocol"): the long tail uses ``RandomState(longta
 (CReFF: numpy's global generator seeded 7 whatever ``--seed`` says; our default is 7 too, and
 ``data.longtail_seed=None`` follows ``config.seed``); the partition a fresh
 ``RandomState(config.seed)`` (CReFF ``--seed``); the D_align hold-out
-``RandomState(config.seed + 1)``.
+``RandomState(longtail_seed + 1)``, so that with the default fixed long-tail seed a seed sweep
+changes the partition, sampling and initialisation but neither D_align nor the training pool.
 
 The server (stage 3) needs the held-out D_align, the test set and the long tail's class
 counts, not the clients' data: ``build_server_data`` computes just that.
@@ -121,14 +122,14 @@ def _pools(config, full: sources.Dataset):
   pool = np.arange(len(full))
   held = np.zeros((0,), np.int64)
   per_class = config.align.per_class if config.get("align") else 0
-  if per_class > 0:
+  lt_seed = config.seed if d.longtail_seed is None else d.longtail_seed
+  if per_class > 0:  # seeded with the long tail's seed: a seed sweep keeps D_align and the pool
     try:
       held, pool = longtail.holdout_balanced(
-        full.labels, c, per_class, np.random.RandomState(config.seed + 1)
+        full.labels, c, per_class, np.random.RandomState(lt_seed + 1)
       )
     except ValueError as e:
       raise ValueError(f"config.align.per_class={per_class}: {e}") from None
-  lt_seed = config.seed if d.longtail_seed is None else d.longtail_seed
   kept = pool[
     longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
   ]
