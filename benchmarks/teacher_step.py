@@ -10,6 +10,15 @@ Measured per batch size:
   llm_forward    projector + LLM + lm_head logits (forward_from_features)
   dwp_grad       value and gradient of the next-token loss w.r.t. the visual features only,
                  with per-layer remat on and off (off may run out of memory: recorded as oom)
+  dwp_step_alpha_lt1 / dwp_step_alpha1
+                 the full DWP step of fedllava/pretrain/dwp.py (DWPStep, Eq. 2): CLIP (a < 1
+                 only) + g_fl (ResNet-8 + feature MLP on 32 px images, --dwp_width) + blend +
+                 projector + LLM + backward to g_fl + AdamW, per-layer remat on, at --dwp_batch
+                 (7b: 8, 16, 32); images/s and MFU (dwp.dwp_step_flops: LLM 4PT, CLIP 2PT while
+                 a < 1, g_fl 3x its forward)
+
+    python benchmarks/teacher_step.py --size=7b --skip_clip --skip_forward --remat=on \
+      --dwp_batch=8,16,32                                   # the DWP step only
 
 FLOPs (written to the JSON as well), with P = matmul parameters on the path (projector + LLM
 decoder + lm_head, no embedding table; CLIP's for clip_forward) and T = batch x tokens:
@@ -125,6 +134,11 @@ def main(argv=None):
   ap.add_argument("--remat", default="on,off", help="which remat settings to time for dwp_grad")
   ap.add_argument("--skip_clip", action="store_true")
   ap.add_argument("--skip_forward", action="store_true", help="time only the DWP gradient")
+  ap.add_argument(
+    "--dwp_batch", default=None, help="batch sizes of the full DWP step (default 8,16,32; tiny: 2)"
+  )
+  ap.add_argument("--dwp_width", type=int, default=None, help="g_fl width (7b: 64, tiny: 8)")
+  ap.add_argument("--skip_dwp", action="store_true", help="skip the full DWP step")
   ap.add_argument(
     "--out", default=None, help="JSON path (default benchmarks/results/teacher_step_<device>.json)"
   )
@@ -258,9 +272,103 @@ def main(argv=None):
       )
       record(rec, batch=b, remat=r == "on")
 
+  if not args.skip_dwp:
+    dwp_batches = args.dwp_batch or ("2" if args.size == "tiny" else "8,16,32")
+    for b in [int(x) for x in dwp_batches.split(",")]:
+      for rec in dwp_step_runs(config, params, b, n_text, args, peak):
+        record(rec, batch=b, remat=True)
   save()
   print(f"wrote {out_path}")
   return results
+
+
+def dwp_step_runs(config, params, batch: int, n_text: int, args, peak):
+  """The full DWP step (``dwp.DWPStep``) at a < 1 (with CLIP) and a = 1 (without), timed."""
+  import optax
+
+  from fedllava.models import resnet
+  from fedllava.pretrain import dwp
+
+  llava = LlavaModel(config, dtype=jnp.bfloat16, remat=True)
+  vc, tc = config.vision_config, config.text_config
+  width = args.dwp_width or (64 if args.size == "7b" else 8)
+  fl_px = 32
+  fl = resnet.ResNet(
+    (1, 1, 1), resnet.BasicBlock, width, 10, "cifar", mlp_dim=llava.feature_dim, conv_impl="xla"
+  )
+  variables = jax.jit(fl.init)(jax.random.PRNGKey(2), jnp.zeros((1, fl_px, fl_px, 3)))
+  tx = optax.adamw(2e-3)
+  step = dwp.DWPStep(llava, fl, tx, accum_steps=1, clip_channels_last=True)
+  n_img = llava.num_image_tokens
+  seq = n_img + n_text
+  rng = np.random.RandomState(batch)
+  ids = np.concatenate(
+    [
+      np.full((batch, n_img), config.image_token_index),
+      rng.randint(3, min(tc.vocab_size, 32000), (batch, n_text)),
+    ],
+    1,
+  ).astype(np.int32)
+  data = {
+    "images_clip": jax.random.normal(
+      jax.random.PRNGKey(3), (batch, vc.image_size, vc.image_size, 3), jnp.float32
+    ),
+    "images_fl": jax.random.normal(jax.random.PRNGKey(4), (batch, fl_px, fl_px, 3), jnp.float32),
+    "input_ids": jnp.asarray(ids),
+    "labels": jnp.asarray(np.where(ids == config.image_token_index, -100, ids)),
+    "attention_mask": jnp.ones((batch, seq), jnp.int32),
+    "valid": jnp.ones((batch,), jnp.int32),
+  }
+  fl_flops = dwp.fl_forward_flops(fl, variables, (fl_px, fl_px, 3))
+  out = []
+  for name, use_clip in (("dwp_step_alpha_lt1", True), ("dwp_step_alpha1", False)):
+    flops = dwp.dwp_step_flops(llava, batch, seq, fl_flops, use_clip)
+    rec = {
+      "name": name,
+      "tokens": batch * seq,
+      "images": batch,
+      "model_flops": flops["total"],
+      "flops_parts": flops,
+      "attention_flops": flops["attention"],
+      "fl_width": width,
+    }
+    print(f"{name}: batch {batch}", flush=True)
+    try:
+      state = dwp.create_dwp_state(variables, tx)
+      if use_clip:
+        fn, extra = step.with_clip, (jnp.float32(0.5),)
+        b = data
+      else:
+        fn, extra = step.without_clip, ()
+        b = {k: v for k, v in data.items() if k != "images_clip"}
+      t0 = time.perf_counter()
+      compiled = fn.lower(state, params, b, *extra).compile()
+      rec["compile_s"] = time.perf_counter() - t0
+      state, m = compiled(state, params, b, *extra)
+      jax.block_until_ready(m["loss"])
+      times = []
+      for _ in range(args.iters):
+        t = time.perf_counter()
+        state, m = compiled(state, params, b, *extra)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+    except Exception as e:  # noqa: BLE001 - record OOM / failures, keep going
+      rec.update({"oom": is_oom(e), "error": f"{type(e).__name__}: {str(e)[:500]}"})
+      out.append(rec)
+      continue
+    s = statistics.median(times)
+    rec.update(
+      step_s_median=s,
+      step_s_min=min(times),
+      step_s_all=times,
+      tokens_per_s=batch * seq / s,
+      images_per_s=batch / s,
+      model_tflops_per_s=flops["total"] / s / 1e12,
+      mfu=dwp.mfu(flops["total"], s, peak) if peak else None,
+      loss=float(m["loss"]),
+    )
+    out.append(rec)
+  return out
 
 
 if __name__ == "__main__":

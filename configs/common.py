@@ -14,6 +14,8 @@ import ml_collections
 
 # CLIP ViT-L/14-336: LLaVA-1.5's vision tower; the paper's zero-shot teacher for Eq. 6.
 CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
+# LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B-v1.5), llava-hf layout: stage 1's teacher.
+LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -89,6 +91,58 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.client_parallelism = "vmap"  # vmap | map | group
   c.fl.group_size = 1
 
+  # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
+  # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.
+  # Only demanded when "annotate" or "pretrain" is in c.stages (fedllava/pretrain/train.py).
+  c.pretrain = ml_collections.ConfigDict()
+  # llava-hf checkpoint: a local directory, a hub name (Hugging Face cache / download), or
+  # "random-tiny" (a tiny random LLaVA written into the stage's workdir: a mechanics check).
+  c.pretrain.teacher = ""
+  c.pretrain.tokenizer = ""  # "" = the teacher's own tokenizer (AutoTokenizer, no remote code)
+  c.pretrain.teacher_dtype = "bfloat16"  # frozen CLIP / projector / LLM weights and compute
+  c.pretrain.unlabeled_dir = ""  # stage "annotate": folder of unlabeled images (recursive)
+  # stage "pretrain" without "annotate": LLaVA-format JSON (blip_laion_cc_sbu_558k.json, the
+  # CC-595K chat.json) and the folder its "image" paths are relative to.
+  c.pretrain.data_json = ""
+  c.pretrain.image_dir = ""
+  c.pretrain.template = "plain"  # "plain": <image> + caption (LLaVA pretraining); or "vicuna_v1"
+  c.pretrain.max_length = 640  # tokens per sequence (576 image tokens + caption), padded/truncated
+  c.pretrain.pad_to_square = False  # LLaVA-1.5's image_aspect_ratio="pad" (pretraining: False)
+  c.pretrain.fl_image_size = ml_collections.FieldReference(None, field_type=int)  # None: data's
+  c.pretrain.batch_size = 128  # Sec. 4.1 (global batch: accum_steps micro-batches of B/accum)
+  c.pretrain.accum_steps = 16  # micro-batches of 8 per step: fits one 80 GB GPU with remat
+  c.pretrain.epochs = 4  # Sec. 4.1
+  c.pretrain.ramp_epochs = 2.0  # alpha: half cosine 0 -> 1 over these epochs, then 1 (Sec. 4.1)
+  c.pretrain.learning_rate = 2e-3  # Sec. 4.1; AdamW, linear warm-up, cosine decay (LLaVA)
+  c.pretrain.warmup_ratio = 0.03  # LLaVA's pretraining warm-up
+  c.pretrain.weight_decay = 0.0  # LLaVA's pretraining value
+  c.pretrain.max_steps = 0  # > 0: stop after this many steps (schedule unchanged; the report
+  #                           says what fraction of the recipe ran)
+  c.pretrain.remat = True  # per-layer remat of the frozen LLM (~62 -> ~2 GiB activations, 7B)
+  c.pretrain.bad_examples = "skip"  # "skip" (drop, report ids) or "fail" (refuse the data)
+  c.pretrain.check_images = "open"  # data check up front: "decode" | "open" | "none"
+  c.pretrain.worker_count = 0  # grain worker processes (0: in the training process)
+  c.pretrain.checkpoint_every = 500  # steps between orbax checkpoints (and the last step)
+  c.pretrain.checkpoint_keep = 2
+  c.pretrain.peak_tflops = 0.0  # device peak for MFU; 0: from the device kind (GPU), else none
+  c.pretrain.demo = False  # offline mechanics check: digits PNGs + templated captions
+  c.pretrain.demo_images = 256  # demo: digits training images written as the unlabeled folder
+  c.pretrain.annotate = ml_collections.ConfigDict()
+  c.pretrain.annotate.kinds = "conversation,detailed_description,complex_reasoning"  # Sec. 3.1
+  c.pretrain.annotate.batch_size = 8  # prompts per generate call (fixed shape)
+  c.pretrain.annotate.max_new_tokens = 128
+  c.pretrain.annotate.prompt_len = 704  # prompt tokens (576 image tokens + system + question)
+  c.pretrain.annotate.temperature = 0.0  # 0: greedy
+  c.pretrain.annotate.template = "vicuna_v1"  # the prompt's conversation template
+  # Table 4 / Fig. 3 (Sec. 4.3.1): central training on few-shot subsets, with/without stage 1.
+  c.pretrain.fewshot = ml_collections.ConfigDict()
+  c.pretrain.fewshot.fractions = "0.004,0.01,0.02"  # of the (balanced) training split
+  c.pretrain.fewshot.epochs = 30
+  c.pretrain.fewshot.target = 25.0  # top-1 (%) to reach (paper: CIFAR-10 25, CIFAR-100 15)
+  c.pretrain.fewshot.batch_size = 32
+  c.pretrain.fewshot.learning_rate = 0.01  # SGD with momentum 0.9 (the paper does not say)
+  c.pretrain.fewshot.momentum = 0.9
+
   c.align = ml_collections.ConfigDict()  # stage 3, Eq. 5-6
   c.align.per_class = 10  # D_align: k images per class held out before the long tail
   c.align.data_dir = ""  # or a folder of labelled images, one sub-folder per class name
@@ -121,10 +175,19 @@ def base_config() -> ml_collections.ConfigDict:
 
 def cifar_lt_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   """The paper's CIFAR-10/100-LT setting; variants ``if=``, ``algo=``, ``rounds=``, ``k=``
-  (D_align images per class), ``beta=`` (Eq. 6), ``every_round`` (align after each round)."""
+  (D_align images per class), ``beta=`` (Eq. 6), ``every_round`` (align after each round),
+  ``pretrain`` (stage 1 first: DWP inside LLaVA-1.5-7B on LLaVA's 558K captions)."""
   a = parse_arg(
     arg,
-    **{"if": 100.0, "algo": "fedavg", "rounds": 200, "k": 10, "beta": 1.0, "every_round": False},
+    **{
+      "if": 100.0,
+      "algo": "fedavg",
+      "rounds": 200,
+      "k": 10,
+      "beta": 1.0,
+      "every_round": False,
+      "pretrain": False,
+    },
   )
   c = base_config()
   c.name = f"{dataset}_lt_if{a['if']:g}_{a.algo}"
@@ -135,4 +198,14 @@ def cifar_lt_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c.align.per_class = a.k
   c.align.beta = a.beta
   c.align.when = "every_round" if a.every_round else "end"
+  c.pretrain.fewshot.target = 15.0 if dataset == "cifar100" else 25.0  # Table 4's thresholds
+  if a.pretrain:
+    c.name += "_pretrain"
+    c.stages = "pretrain,federate,align"
+    c.model.mlp_dim = 1024  # CLIP ViT-L/14-336's width (Eq. 2 blends in CLIP's feature space)
+    c.pretrain.teacher = LLAVA_15_7B
+    # LLaVA-1.5's pretraining set (LLaVA-Pretrain: blip_laion_cc_sbu_558k.json + images/);
+    # the paper's CC-595K (LLaVA-CC3M-Pretrain-595K: chat.json + images) reads the same way.
+    c.pretrain.data_json = "data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+    c.pretrain.image_dir = "data/LLaVA-Pretrain/images"
   return c

@@ -10,6 +10,7 @@ Overrides: ``--config.fl.rounds=5``; variants: ``--config=configs/cifar10_lt.py:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -22,6 +23,8 @@ from ml_collections import config_flags
 from fedllava import align, checkpoint, federate, fileio, report, sharding
 from fedllava.data import federated
 from fedllava.models import resnet
+from fedllava.pretrain import annotate
+from fedllava.pretrain import train as pretrain
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
@@ -30,8 +33,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of a user error too.")
 
 # The one stage registry: name -> module with run(config, workdir, init=None, ...).
-STAGES = {"federate": federate, "align": align}
+STAGES = {"annotate": annotate, "pretrain": pretrain, "federate": federate, "align": align}
 _VALIDATORS = (
+  lambda c: pretrain.validate(c),
   lambda c: federated.validate(c),
   lambda c: resnet.validate(c.model),
   lambda c: federate.validate(c),
@@ -86,15 +90,17 @@ def run(config, workdir: str, load_teacher=None) -> dict:
     jax.config.update("jax_enable_x64", True)
   stages = stage_list(config)
   os.makedirs(workdir, exist_ok=True)
-  with fileio.workdir_lock(workdir):
-    fileio.clean_stale_temporaries(workdir)
+  lead = jax.process_index() == 0  # multi-host: process 0 owns the workdir's own files
+  with fileio.workdir_lock(workdir) if lead else contextlib.nullcontext():
+    if lead:
+      fileio.clean_stale_temporaries(workdir)
     changes = checkpoint.check_config(workdir, config, _has_progress(workdir))
     written = []
 
     def started():  # the first stage has built its data and model: the run can start
-      if not written:
+      if not written and lead:
         checkpoint.write_config(workdir, config, changes)
-        written.append(True)
+      written.append(True)
 
     results, result = {}, None
     every_round = "align" in stages and config.align.when == "every_round"
@@ -118,8 +124,16 @@ def run(config, workdir: str, load_teacher=None) -> dict:
 
 
 def _pipeline_report(config, workdir: str, results: dict) -> None:
-  """FedAvg alone vs + alignment: table, confusion matrices and curves side by side."""
+  """FedAvg alone vs + alignment: table, confusion matrices and curves side by side.
+
+  Rows are named by what made the model: ``fedavg``, ``fedavg + alignment``; when stage 1 ran,
+  every row starts from its backbone: ``pretrain + fedavg``, ``pretrain + fedavg + alignment``
+  (this pipeline never trains a no-pretraining FedAvg next to them; run the same config without
+  'pretrain' in config.stages for that row).
+  """
   algo = config.fl.algorithm
+  if "pretrain" in results:
+    algo = f"pretrain + {algo}"
   plain = results.get("federate_plain") or results.get("federate")
   if plain is None:
     return
@@ -144,6 +158,12 @@ def _pipeline_report(config, workdir: str, results: dict) -> None:
   fileio.atomic_write_text(os.path.join(workdir, "report.txt"), table + "\n")
   summary = {
     "stages": stage_list(config),
+    "pretraining": {  # how much stage 1 ran, next to the numbers it fed
+      k: results["pretrain"].report.get(k)
+      for k in ("steps", "epochs", "images_seen", "fraction_of_paper", "teacher", "demo")
+    }
+    if "pretrain" in results
+    else None,
     "rows": [
       {"model": label, **{k: r[k] for k in ("top1", "many", "medium", "few")}} for label, r in rows
     ],

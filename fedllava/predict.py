@@ -29,6 +29,14 @@ def create_predict_fn(model, mean, std, mesh):
 
 
 def predict_all(predict_fn, variables, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-  """Predictions for every image, in fixed-size padded batches (one compilation)."""
-  fn = lambda x: predict_fn(variables, x)  # noqa: E731
+  """Predictions for every image, in fixed-size padded batches (one compilation).
+
+  Every process passes the same images; each batch becomes one global array split over the
+  mesh (``make_array_from_callback``), so this runs unchanged on one host or several.
+  """
+  cs = sharding.client_sharding(mesh)
+
+  def fn(x):
+    return predict_fn(variables, jax.make_array_from_callback(x.shape, cs, lambda i: x[i]))
+
   return batching.apply_in_batches(fn, (images,), batch_size, multiple=mesh.size)

@@ -28,6 +28,8 @@ def maybe_initialize_distributed() -> None:
     return
   if jax.distributed.is_initialized():
     return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes talk through gloo
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if addr:
     jax.distributed.initialize(

@@ -21,14 +21,13 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 from tqdm import tqdm
 
 from fedllava import algorithms, checkpoint, evaluate, metrics, predict, report, sharding
 from fedllava.data import federated, partition
 from fedllava.federate import client, rounds
 from fedllava.models import resnet
-from fedllava.stage import StageResult
+from fedllava.stage import StageResult, start_from
 
 REPORT = "report.json"
 RoundHook = Callable[[int, dict], dict]  # (rounds completed, variables) -> variables
@@ -86,42 +85,6 @@ def validate(config) -> None:
 def _named_keys(seed: int) -> dict:
   root = jax.random.PRNGKey(seed)
   return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "augment"))}
-
-
-def start_from(fresh: dict, init: dict) -> dict:
-  """Stage 1's handoff: the pretrained backbone and feature MLP, with a fresh classifier.
-
-  Args:
-    fresh: this run's freshly initialised variables.
-    init: a previous stage's variables (its classifier, if any, is dropped).
-  Returns:
-    ``fresh`` with every non-classifier leaf taken from ``init``.
-  Raises:
-    ValueError: ``init`` does not fit ``config.model`` (a missing, extra or reshaped leaf).
-  """
-  fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
-  init_flat = {
-    k: v
-    for k, v in traverse_util.flatten_dict(init, sep="/").items()
-    if "/classifier/" not in f"/{k}"
-  }
-  body = {k for k in fresh_flat if "/classifier/" not in f"/{k}"}
-  problems = sorted(body ^ set(init_flat))
-  problems += [
-    f"{k}: {tuple(init_flat[k].shape)} vs {tuple(fresh_flat[k].shape)}"
-    for k in sorted(body & set(init_flat))
-    if tuple(init_flat[k].shape) != tuple(fresh_flat[k].shape)
-  ]
-  if problems:
-    raise ValueError(
-      "the pretrained model does not fit config.model (differences: "
-      f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}); pretrain and "
-      "federate must use the same config.model (name, width, mlp_dim)."
-    )
-  out = dict(fresh_flat)
-  for k, v in init_flat.items():
-    out[k] = jnp.asarray(v, fresh_flat[k].dtype)
-  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def is_complete(workdir: str, config) -> bool:

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fedllava.models.llava import LlavaModel, memory_estimate
 from fedllava.models.safetensors_io import read_header, read_tensor
@@ -108,26 +109,6 @@ def map_key(key: str, ndim: int) -> Optional[Tuple[Tuple[str, ...], str]]:
   return tuple(parts), ""
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 def load_llava(
   path,
   dtype=jnp.bfloat16,
@@ -145,7 +126,7 @@ def load_llava(
   config = read_config(path)
   files = checkpoint_files(path)
   model = LlavaModel(config, dtype=compute_dtype or dtype, remat=remat)
-  expected = _flatten(model.param_shapes())
+  expected = flatten_dict(model.param_shapes())
   n_dev = mesh.shape[axis_name] if mesh is not None else 1
   if verbose:
     print(
@@ -153,7 +134,7 @@ def load_llava(
       + f"; reading {len(files)} file(s) from {path}"
     )
   specs = (
-    _flatten(fsdp_partition_specs(_unflatten(expected), n_dev, axis_name))
+    flatten_dict(fsdp_partition_specs(unflatten_dict(expected), n_dev, axis_name))
     if mesh is not None
     else None
   )
@@ -201,4 +182,4 @@ def load_llava(
       f"checkpoint {path!r} does not fit LLaVA({config.text_config.model_type}): "
       f"unmapped keys {unmapped}; missing parameters {missing}; wrong shapes {wrong_shape}"
     )
-  return model, _unflatten(loaded)
+  return model, unflatten_dict(loaded)
