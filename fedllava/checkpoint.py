@@ -52,6 +52,11 @@ _RESUMABLE_CHANGES = (
   "workdir",
   "data.data_dir",
   "data.manual_dir",
+  "pretrain.max_steps",  # how far stage 1 runs (its report records what ran)
+  "pretrain.worker_count",
+  "pretrain.checkpoint_every",
+  "pretrain.checkpoint_keep",
+  "align.cache_dir",
 )
 
 CONFIG_FILE = "config.json"

@@ -307,3 +307,26 @@ def test_torn_metrics_line_and_stale_temporaries_are_repaired_on_resume(tmp_path
   assert not (tmp_path / "federate" / ".tmp-stale").exists()
   log = json.loads((tmp_path / "resume_log.json").read_text())
   assert "fl.rounds" in log["resumed"][-1]["changed"]
+
+
+def test_cli_user_errors_are_one_message_without_a_traceback(tmp_path):
+  def cli(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "fedllava.main", *args],
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  missing = cli("--config=configs/nope.py", f"--workdir={tmp_path / 'a'}")
+  assert missing.returncode != 0 and "cannot load --config" in missing.stderr
+  assert "Traceback" not in missing.stderr and "nope.py" in missing.stderr
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / ".lock").write_text(
+    json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "started": "now"})
+  )
+  locked = cli("--config=configs/digits_lt.py:tiny", f"--workdir={tmp_path / 'b'}")
+  assert locked.returncode != 0 and "is in use by pid" in locked.stderr
+  assert "Traceback" not in locked.stderr and len(locked.stderr.strip().splitlines()) <= 3

@@ -32,6 +32,12 @@ def conv_init(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / (kh * kw * out))
 
 
+def _param_dtype(module) -> Any:
+  """A module's parameter (master-weight) dtype: ``param_dtype``, else ``dtype`` widened to f32."""
+  pd = getattr(module, "param_dtype", None)
+  return jnp.promote_types(module.dtype, jnp.float32) if pd is None else jnp.dtype(pd)
+
+
 def torch_linear_init(fan_in: int) -> Callable:
   """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / np.sqrt(fan_in)
@@ -53,18 +59,18 @@ class BatchNorm(nn.Module):
 
   momentum: float = 0.1
   epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @property
-  def param_dtype(self):
-    return jnp.promote_types(self.dtype, jnp.float32)
+  dtype: Any = jnp.float32  # the output (activation) dtype
+  param_dtype: Any = None  # scale/bias and running statistics; None: dtype widened to f32
 
   @nn.compact
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
     features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-    stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    pd = _param_dtype(self)
+    scale = self.param("scale", nn.initializers.ones, (features,), pd)
+    bias = self.param("bias", nn.initializers.zeros, (features,), pd)
+    stat_dtype = jnp.promote_types(pd, jnp.float32)
+    # Statistics and normalisation in >= float32 even for bfloat16 activations (mixed precision).
+    x = x.astype(jnp.promote_types(x.dtype, stat_dtype))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), stat_dtype))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), stat_dtype))
     if not train:
@@ -83,8 +89,26 @@ class BatchNorm(nn.Module):
         unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-    return (y * scale + bias).astype(self.dtype)
+    y = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var.astype(x.dtype) + self.epsilon)
+    return (y * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
+
+
+def shifted_patches(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
+  """im2col by data movement: the k*k strided windows of the padded input, concatenated.
+
+  ``[B, H, W, C] -> [B, Ho, Wo, k * k * C]``, features ordered (kh, kw, C), so an HWIO kernel
+  reshaped to ``[k * k * C, F]`` multiplies it directly. Its backward is pads and adds, where
+  ``conv_general_dilated_patches`` is a convolution with a one-hot kernel both ways.
+  """
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho = (x.shape[1] + 2 * pad - k) // stride + 1
+  wo = (x.shape[2] + 2 * pad - k) // stride + 1
+  windows = [
+    xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+    for i in range(k)
+    for j in range(k)
+  ]
+  return jnp.concatenate(windows, axis=-1)
 
 
 class Im2ColConv(nn.Module):
@@ -99,18 +123,21 @@ class Im2ColConv(nn.Module):
   kernel_size: int
   stride: int
   dtype: Any = jnp.float32
+  param_dtype: Any = None
+  patches: str = "conv"  # "conv": conv_general_dilated_patches; "shift": k*k strided slices
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     pad = (k - 1) // 2
-    kernel = self.param(
-      "kernel",
-      conv_init,
-      (k, k, x.shape[-1], self.features),
-      jnp.promote_types(self.dtype, jnp.float32),
-    )
+    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), _param_dtype(self))
     x = x.astype(self.dtype)
+    if self.patches == "shift" and k > 1:  # patch features ordered (kh, kw, C): HWIO as is
+      return jnp.einsum(
+        "bhwk,kf->bhwf",
+        shifted_patches(x, k, self.stride, pad),
+        kernel.reshape(-1, self.features).astype(self.dtype),
+      )
     if k == 1:
       patches = x[:, :: self.stride, :: self.stride, :]
       w = kernel.reshape(-1, self.features)
@@ -126,12 +153,18 @@ class Im2ColConv(nn.Module):
     return jnp.einsum("bhwk,kf->bhwf", patches, w.astype(self.dtype))
 
 
-CONV_IMPLS = ("xla", "im2col")
+CONV_IMPLS = ("xla", "im2col", "shift")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype, impl: str = "xla"):
-  if impl == "im2col":
-    return Im2ColConv(features, kernel, stride, dtype=dtype, name=name)
+def _conv(
+  features: int, kernel: int, stride: int, name: str, dtype, impl: str = "xla", param_dtype=None
+):
+  pd = jnp.promote_types(dtype, jnp.float32) if param_dtype is None else param_dtype
+  if impl in ("im2col", "shift"):
+    patches = "shift" if impl == "shift" else "conv"
+    return Im2ColConv(
+      features, kernel, stride, dtype=dtype, param_dtype=pd, patches=patches, name=name
+    )
   pad = (kernel - 1) // 2
   return nn.Conv(
     features,
@@ -141,15 +174,16 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype, impl: str =
     use_bias=False,
     kernel_init=conv_init,
     dtype=dtype,
-    param_dtype=jnp.promote_types(dtype, jnp.float32),
+    param_dtype=pd,
     name=name,
   )
 
 
 def _conv_bn(block, x, features, kernel, stride, index, train, mask, prefix=""):
   """``conv{index}`` then ``bn{index}`` as submodules of ``block`` (named as before)."""
-  x = _conv(features, kernel, stride, f"{prefix}conv{index}", block.dtype, block.conv_impl)(x)
-  return BatchNorm(dtype=block.dtype, name=f"{prefix}bn{index}")(x, train, mask)
+  pd = _param_dtype(block)
+  x = _conv(features, kernel, stride, f"{prefix}conv{index}", block.dtype, block.conv_impl, pd)(x)
+  return BatchNorm(dtype=block.dtype, param_dtype=pd, name=f"{prefix}bn{index}")(x, train, mask)
 
 
 def _shortcut(block, x, features, train, mask):
@@ -166,6 +200,7 @@ class BasicBlock(nn.Module):
   stride: int
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
+  param_dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
@@ -181,6 +216,7 @@ class Bottleneck(nn.Module):
   stride: int
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
+  param_dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
@@ -196,10 +232,11 @@ class FeatureMLP(nn.Module):
   hidden: int
   out: int
   dtype: Any = jnp.float32
+  param_dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
-    pd = jnp.promote_types(self.dtype, jnp.float32)
+    pd = _param_dtype(self)
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=pd, name="fc1")(x)
     return nn.Dense(self.out, dtype=self.dtype, param_dtype=pd, name="fc2")(
       nn.gelu(x, approximate=False)
@@ -215,10 +252,14 @@ class ResNet(nn.Module):
     width: channels of the first stage (CReFF's ResNet-8: 16 * scaling 4 = 64).
     num_classes: classifier outputs.
     stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool).
-    conv_impl: ``"xla"`` (``nn.Conv``) or ``"im2col"`` (same parameters, batched-matmul
-      friendly under ``vmap``; see ``Im2ColConv``).
+    conv_impl: ``"xla"`` (``nn.Conv``), ``"im2col"`` (same parameters, batched-matmul
+      friendly under ``vmap``; see ``Im2ColConv``) or ``"shift"`` (im2col whose patches are
+      strided slices, ``shifted_patches``: the fastest on CPU, ``auto``'s choice there).
     mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
     head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
+    dtype: the computation (activation) dtype; bfloat16 = mixed precision.
+    param_dtype: parameters and BN statistics (master weights); ``None``: ``dtype`` widened
+      to float32. BN statistics, the pooled features and the logits are computed in >= f32.
   """
 
   stage_sizes: Sequence[int]
@@ -230,6 +271,7 @@ class ResNet(nn.Module):
   head_on_mlp: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
+  param_dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, mask: Optional[jax.Array] = None):
@@ -247,22 +289,29 @@ class ResNet(nn.Module):
           stride,
           dtype=self.dtype,
           conv_impl=self.conv_impl,
+          param_dtype=self.param_dtype,
           name=f"layer{i + 1}_{j}",
         )(x, train, mask)
     out = {"feature_map": x}
-    pooled = jnp.mean(x, axis=(1, 2))
+    head_dtype = jnp.promote_types(self.dtype, jnp.float32)  # bf16 bodies keep f32 logits
+    pooled = jnp.mean(x.astype(head_dtype), axis=(1, 2))
     if self.mlp_dim is not None:
-      tokens = FeatureMLP(self.mlp_dim, self.mlp_dim, dtype=self.dtype, name="feature_mlp")(x)
+      tokens = FeatureMLP(
+        self.mlp_dim,
+        self.mlp_dim,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="feature_mlp",
+      )(x)
       out["tokens"] = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
       if self.head_on_mlp:
-        pooled = jnp.mean(out["tokens"], axis=1)
+        pooled = jnp.mean(out["tokens"].astype(head_dtype), axis=1)
     out["features"] = pooled
     fan_in = pooled.shape[-1]
-    head_dtype = jnp.promote_types(self.dtype, jnp.float32)  # bf16 bodies keep f32 logits
     out["logits"] = nn.Dense(
       self.num_classes,
       dtype=head_dtype,
-      param_dtype=head_dtype,
+      param_dtype=_param_dtype(self),
       name="classifier",
       kernel_init=torch_linear_init(fan_in),
       bias_init=torch_linear_init(fan_in),
@@ -270,32 +319,53 @@ class ResNet(nn.Module):
     return out
 
 
+def dtypes(model_config) -> tuple[Any, Any]:
+  """``(parameter dtype, compute dtype)`` from ``config.model.dtype`` / ``compute_dtype``.
+
+  ``dtype`` holds the parameters, BN statistics and aggregation (master weights: float32, or
+  float64 for the oracles). ``compute_dtype`` is the activations': "bfloat16" is mixed
+  precision (bf16 convolutions and activations; BN statistics, the head and the loss in f32);
+  "float32" (the default) computes in the master dtype, so float64 oracles stay float64. The
+  legacy ``dtype="bfloat16"`` means float32 master weights with bfloat16 compute.
+  """
+  dtype = str(model_config.get("dtype", "float32"))
+  compute = str(model_config.get("compute_dtype", "float32"))
+  if dtype == "bfloat16":
+    return jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+  if compute == "bfloat16":
+    return jnp.dtype(dtype), jnp.dtype(jnp.bfloat16)
+  return jnp.dtype(dtype), jnp.promote_types(dtype, compute)
+
+
 def create_model(model_config, num_classes: int) -> ResNet:
   """Builds the FL model named by ``model_config.name`` ("resnet8" or "resnet50").
 
   Args:
-    model_config: ``config.model``; reads ``name``, ``width``, ``mlp_dim``, ``head_on_mlp``.
+    model_config: ``config.model``; reads ``name``, ``width``, ``mlp_dim``, ``head_on_mlp``,
+      ``dtype``, ``compute_dtype`` and ``conv_impl``.
     num_classes: classifier outputs.
   Returns:
     A ``ResNet`` module.
   """
   mlp_dim = model_config.get("mlp_dim", None)
   head_on_mlp = bool(model_config.get("head_on_mlp", False))
-  dtype = jnp.dtype(model_config.get("dtype", "float32"))
+  param_dtype, dtype = dtypes(model_config)
   width = model_config.get("width", 64)
   impl = model_config.get("conv_impl", "auto")
-  if impl == "auto":  # measured: benchmarks/results/round_speed_* (README, "Measured results")
-    impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+  if impl == "auto":  # measured: benchmarks/results/fl_round_cpu_small_* and round_speed_*
+    impl = "shift" if jax.default_backend() == "cpu" else "xla"
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
   if model_config.name == "resnet8":
     return ResNet(
-      (1, 1, 1), BasicBlock, width, num_classes, "cifar", mlp_dim, head_on_mlp, dtype, impl
-    )
+      (1, 1, 1), BasicBlock, width, num_classes, "cifar", mlp_dim, head_on_mlp, dtype, impl,
+      param_dtype,
+    )  # fmt: skip
   if model_config.name == "resnet50":
     return ResNet(
-      (3, 4, 6, 3), Bottleneck, width, num_classes, "imagenet", mlp_dim, head_on_mlp, dtype, impl
-    )
+      (3, 4, 6, 3), Bottleneck, width, num_classes, "imagenet", mlp_dim, head_on_mlp, dtype, impl,
+      param_dtype,
+    )  # fmt: skip
   raise ValueError(
     f"config.model.name={model_config.name!r} is not a known model; "
     "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT)."
@@ -304,6 +374,7 @@ def create_model(model_config, num_classes: int) -> ResNet:
 
 MODELS = ("resnet8", "resnet50")
 DTYPES = ("float32", "float64", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 
 
 def validate(model_config) -> None:
@@ -324,6 +395,16 @@ def validate(model_config) -> None:
     raise ValueError("config.model.head_on_mlp=True needs config.model.mlp_dim (the MLP's width).")
   if m.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r}; choose one of {DTYPES}.")
+  compute = m.get("compute_dtype", "float32")
+  if compute not in COMPUTE_DTYPES:
+    raise ValueError(
+      f"config.model.compute_dtype={compute!r}; choose one of {COMPUTE_DTYPES} "
+      "('bfloat16': bf16 compute with float32 master weights)."
+    )
+  if compute == "float64" and m.dtype != "float64":
+    raise ValueError(
+      f"config.model.compute_dtype='float64' needs config.model.dtype='float64' (got {m.dtype!r})."
+    )
   if m.conv_impl not in ("auto",) + CONV_IMPLS:
     raise ValueError(
       f"config.model.conv_impl={m.conv_impl!r}; choose 'auto' or one of {CONV_IMPLS}."
