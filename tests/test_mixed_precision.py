@@ -134,6 +134,8 @@ def test_shift_conv_equals_xla_conv(name, hw):
     g2 = jax.grad(lambda p: loss(shift, p, x))(v["params"])
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
       np.testing.assert_allclose(a, b, atol=1e-9, rtol=1e-6)
+    if name != "resnet8":  # the vmapped check once, on the CIFAR model (CI time)
+      return
     stacked = jax.tree.map(lambda p: jnp.stack([p, 1.1 * p]), v["params"])
     xs = np.stack([x, x[::-1]])
     per = jax.vmap(lambda p, xb: loss(xla, p, xb))(stacked, xs)
