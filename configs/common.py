@@ -72,9 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_on_mlp = False
   c.model.dtype = "float32"  # parameters (master weights); "float64" for the oracles
   c.model.compute_dtype = "float32"  # activations; "bfloat16" with float32 master weights
-  # "xla" (nn.Conv) or "im2col" (same parameters and results, patches x kernel); "auto" picks
-  # what benchmarks/round_speed.py measured faster: im2col on CPU (7.8x on 2 cores), xla on
-  # an H200 (vmapped grouped convolutions 5.1 s/round vs 8.7 s/round with im2col).
+  # "xla" (nn.Conv), "im2col" or "shift" (same parameters and results; patches x kernel, the
+  # patches from a one-hot conv or from 9 strided slices); "auto" picks what the benchmarks
+  # measured faster: shift on CPU (1.9x over im2col, which was 7.8x over xla on 2 cores), xla
+  # on an H200 (vmapped grouped convolutions 5.1 s/round vs 8.7 s/round with im2col).
   c.model.conv_impl = "auto"
 
   c.fl = ml_collections.ConfigDict()
