@@ -425,14 +425,20 @@ def make_round_hook(config, workdir: str, load_teacher=None) -> Callable[[int, d
   return hook
 
 
-def _evaluate(ctx: _Context, variables, config) -> dict:
+def _test_evaluator(ctx: _Context, config) -> Callable[[dict], dict]:
+  """``variables -> test report``; one predict function, compiled once for both evaluations."""
   mesh = sharding.create_client_mesh(config.mesh.num_devices or None)
   fn = predict.create_predict_fn(ctx.model, ctx.server.norm.mean, ctx.server.norm.std, mesh)
-  variables = jax.device_put(variables, sharding.replicated(mesh))
-  preds = predict.predict_all(fn, variables, ctx.server.test.images, config.eval.batch_size, mesh)
-  return evaluate.classification_report(
-    ctx.server.test.labels, preds, ctx.server.num_classes, ctx.server.class_counts
-  )
+  test = ctx.server.test
+
+  def evaluate_on_test(variables):
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    preds = predict.predict_all(fn, variables, test.images, config.eval.batch_size, mesh)
+    return evaluate.classification_report(
+      test.labels, preds, ctx.server.num_classes, ctx.server.class_counts
+    )
+
+  return evaluate_on_test
 
 
 def run(
@@ -479,7 +485,8 @@ def run(
     ctx = _prepare(config, workdir, load_teacher)
     if started is not None:
       started()
-    before = _evaluate(ctx, init.variables, config)
+    evaluate_on_test = _test_evaluator(ctx, config)
+    before = evaluate_on_test(init.variables)
     variables, losses = _apply(ctx, init.variables, config.fl.rounds)
     variables = jax.device_get(variables)
     if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables)):
@@ -487,7 +494,7 @@ def run(
         "alignment produced a non-finite model; nothing was saved. Lower "
         "config.align.learning_rate and rerun."
       )
-    after = _evaluate(ctx, variables, config)
+    after = evaluate_on_test(variables)
     a = config.align
     print(
       f"[align] {len(ctx.dset.labels)} D_align images ({ctx.dset.source}), beta={a.beta:g}, "

@@ -72,10 +72,12 @@ def validate(config) -> None:
 
 def _has_progress(workdir: str) -> bool:
   """Whether any stage saved a checkpoint here (then the workdir holds *a* run)."""
-  for root, dirs, _ in os.walk(workdir):
-    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
-      return True
-  return False
+  stage_dirs = [os.path.join(workdir, d) for d in os.listdir(workdir)]
+  return any(
+    checkpoint.latest_saved_round(os.path.join(d, "checkpoints")) is not None
+    for d in stage_dirs
+    if os.path.isdir(d)
+  )
 
 
 def run(config, workdir: str, load_teacher=None) -> dict:
