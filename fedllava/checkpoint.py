@@ -17,9 +17,9 @@ Safety on top of orbax:
 * ``Checkpointer.save`` refuses a state with a NaN or infinity (``FloatingPointError``), so
   rotation (``keep``) can never push out the last finite checkpoint; an ``OSError`` while
   saving (a full disk) becomes one ``CheckpointError`` saying which checkpoint is intact.
-* ``check_config`` / ``write_config``: a workdir with a completed checkpoint refuses a config
-  that changes the science; a workdir without one is simply reused. Resumable changes are
-  logged in ``resume_log.json`` next to ``config.json``.
+* ``check_config`` / ``write_config``: the fields changed since the last run of the workdir are
+  logged in ``resume_log.json`` next to ``config.json``; which stages they rerun is decided per
+  stage (``provenance.py``).
 """
 
 from __future__ import annotations
@@ -39,25 +39,6 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from fedllava import fileio
-
-# Fields that may differ between a run and its resumption (how long, how often, where).
-_RESUMABLE_CHANGES = (
-  "fl.rounds",
-  "checkpoint.",
-  "eval.",
-  "mesh.",
-  "fl.client_parallelism",
-  "fl.group_size",
-  "data.placement",
-  "workdir",
-  "data.data_dir",
-  "data.manual_dir",
-  "pretrain.max_steps",  # how far stage 1 runs (its report records what ran)
-  "pretrain.worker_count",
-  "pretrain.checkpoint_every",
-  "pretrain.checkpoint_keep",
-  "align.cache_dir",
-)
 
 CONFIG_FILE = "config.json"
 RESUME_LOG_FILE = "resume_log.json"
@@ -86,24 +67,19 @@ def _flat_config(config) -> dict:
   return traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
 
 
-def _is_resumable(field: str) -> bool:
-  return any(field.startswith(p) for p in _RESUMABLE_CHANGES)
-
-
 def check_config(workdir: str, config, has_progress: bool) -> list[str]:
-  """Compares ``config`` with the one that made ``workdir``'s checkpoints; writes nothing.
+  """The fields in which ``config`` differs from the one that last ran in ``workdir``.
+
+  Nothing is refused here: each stage's result is keyed by exactly the fields it depends on
+  (``provenance.py``), so a changed field reruns the stages it reaches and only those.
 
   Args:
     workdir: the run's directory.
     config: the run's ``ConfigDict``.
-    has_progress: whether the workdir holds a completed checkpoint (e.g.
-      ``latest_saved_round(<workdir>/checkpoints) is not None``). Without progress the workdir
-      is never "another experiment": nothing is compared and ``[]`` is returned.
+    has_progress: whether the workdir holds a completed checkpoint. Without progress the workdir
+      is never "another experiment": ``[]`` is returned.
   Returns:
-    The changed fields that may differ on resume (``_RESUMABLE_CHANGES``), sorted; pass them to
-    ``write_config`` so the change is logged.
-  Raises:
-    ValueError: naming the changed fields that may not differ, and the fix.
+    The changed fields, sorted; pass them to ``write_config`` so the change is logged.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not has_progress or not os.path.exists(path):
@@ -111,44 +87,47 @@ def check_config(workdir: str, config, has_progress: bool) -> list[str]:
   with open(path, encoding="utf-8") as f:
     saved = traverse_util.flatten_dict(json.load(f), sep=".")
   now = _flat_config(config)
-  changed = sorted(
+  return sorted(
     k for k in set(saved) | set(now) if _canonical(saved.get(k)) != _canonical(now.get(k))
   )
-  science = [k for k in changed if not _is_resumable(k)]
-  if science:
-    raise ValueError(
-      f"{workdir} holds a run with a different config ({', '.join(science)}); "
-      "resuming would mix two experiments. Use a new --workdir, or restore "
-      "those fields."
-    )
-  return changed
+
+
+def append_resume_log(workdir: str, entry: dict) -> None:
+  """Appends ``entry`` to ``<workdir>/resume_log.json`` (``{"resumed": [...]}``), atomically."""
+  log_path = os.path.join(workdir, RESUME_LOG_FILE)
+  log = {"resumed": []}
+  if os.path.exists(log_path):
+    try:
+      with open(log_path, encoding="utf-8") as f:
+        log = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+      log = {"resumed": [], "unreadable_before": _now()}
+    if not isinstance(log, dict) or not isinstance(log.get("resumed", []), list):
+      log = {"resumed": [], "unreadable_before": _now()}
+  log.setdefault("resumed", []).append(entry)
+  fileio.atomic_write_text(log_path, json.dumps(log, indent=2))
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_config(workdir: str, config, resumed_changes: Sequence[str] = ()) -> None:
-  """Writes ``config.json`` (replacing any) once the run can start; logs resumable changes.
+  """Writes ``config.json`` (replacing any) once the run can start; logs the changed fields.
 
   Call after the data and the model are built, so that a run that fails to start leaves the
   workdir as it was. ``resumed_changes`` (from ``check_config``) are appended to
-  ``resume_log.json`` as ``{"resumed": [{"time": ISO-8601 UTC, "changed": {field: [old,
-  new]}}, ...]}`` before ``config.json`` is replaced by the new config.
+  ``resume_log.json`` as ``{"time": ISO-8601 UTC, "changed": {field: [old, new]}}`` before
+  ``config.json`` is replaced by the new config.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if resumed_changes and os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = traverse_util.flatten_dict(json.load(f), sep=".")
     now = _flat_config(config)
-    log_path = os.path.join(workdir, RESUME_LOG_FILE)
-    log = {"resumed": []}
-    if os.path.exists(log_path):
-      with open(log_path, encoding="utf-8") as f:
-        log = json.load(f)
-    log.setdefault("resumed", []).append(
-      {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "changed": {k: [old.get(k), now.get(k)] for k in resumed_changes},
-      }
+    append_resume_log(
+      workdir, {"time": _now(), "changed": {k: [old.get(k), now.get(k)] for k in resumed_changes}}
     )
-    fileio.atomic_write_text(log_path, json.dumps(log, indent=2))
   fileio.atomic_write_text(path, config.to_json_best_effort(indent=2))
 
 

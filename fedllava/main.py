@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from fedllava import align, checkpoint, federate, fileio, report, sharding
+from fedllava import align, checkpoint, federate, fileio, provenance, report, sharding
 from fedllava.data import federated
 from fedllava.models import resnet
 from fedllava.pretrain import annotate
@@ -97,6 +97,7 @@ def run(config, workdir: str, load_teacher=None) -> dict:
     if lead:
       fileio.clean_stale_temporaries(workdir)
     changes = checkpoint.check_config(workdir, config, _has_progress(workdir))
+    saved = provenance.saved_config(workdir)  # as the last run left it (legacy stage dirs)
     written = []
 
     def started():  # the first stage has built its data and model: the run can start
@@ -104,25 +105,54 @@ def run(config, workdir: str, load_teacher=None) -> dict:
         checkpoint.write_config(workdir, config, changes)
       written.append(True)
 
-    results, result = {}, None
+    results, result, upstream = {}, None, None
     every_round = "align" in stages and config.align.when == "every_round"
     for name in stages:
-      kwargs = {"started": started}
+      kwargs = {}
       if name == "align" and load_teacher is not None:
         kwargs["load_teacher"] = load_teacher
       if name == "federate" and every_round:
         print("[pipeline] federate_plain: stage 2 without alignment, the side-by-side baseline")
-        results["federate_plain"] = federate.run(
-          config, os.path.join(workdir, "federate_plain"), result, started=started
+        results["federate_plain"], _ = _run_stage(
+          config, workdir, "federate_plain", federate.run, result, upstream, started, saved
         )
         kwargs["after_round"] = align.make_round_hook(
           config, os.path.join(workdir, "align"), load_teacher
         )
       print(f"[pipeline] stage {name}")
-      result = STAGES[name].run(config, os.path.join(workdir, name), result, **kwargs)
+      result, upstream = _run_stage(
+        config, workdir, name, STAGES[name].run, result, upstream, started, saved, **kwargs
+      )
       results[name] = result
     _pipeline_report(config, workdir, results)
   return results
+
+
+def _run_stage(config, workdir, name, run_fn, init, upstream, started, saved, **kwargs):
+  """Runs one stage under its key (``provenance.py``); returns ``(result, its fingerprint)``.
+
+  A stage directory built under another key (a changed field of the stage, or another upstream
+  result) is set aside first, so the stage reruns; ``stage.json`` records the key once the stage
+  starts and the result's fingerprint once it is complete.
+  """
+  stage_dir = os.path.join(workdir, name)
+  stage_key = provenance.key(config, name, upstream)
+  provenance.prepare(workdir, name, stage_key, saved)
+  same = lambda record: record is not None and record.get("key") == stage_key  # noqa: E731
+
+  def stage_started():
+    started()
+    if not same(provenance.read(stage_dir)):
+      provenance.write(stage_dir, stage_key, None)
+
+  result = run_fn(config, stage_dir, init, started=stage_started, **kwargs)
+  fp = provenance.fingerprint(result)
+  record = provenance.read(stage_dir)
+  if not same(record) or record.get("result") != fp:
+    if same(record) and record.get("result") not in (None, fp):
+      print(f"[{name}] its result differs from the one recorded; the stages after it are redone")
+    provenance.write(stage_dir, stage_key, fp)
+  return result, fp
 
 
 def _pipeline_report(config, workdir: str, results: dict) -> None:

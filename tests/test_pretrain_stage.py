@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from fedllava import main, stage
+from fedllava import checkpoint, main, stage
 from fedllava.federate import rounds
 from fedllava.models import resnet
 from fedllava.pretrain import demo, dwp, fewshot, train
@@ -287,3 +287,42 @@ def test_validation_demands_pretrain_fields_only_when_its_stages_run(pairs):
   cfg.pretrain.accum_steps = 3
   with pytest.raises(ValueError, match=r"config\.pretrain\.batch_size"):
     main.validate(cfg)
+
+
+def _damage_largest_array_file(step_dir):
+  data_dir = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  path = max((os.path.join(data_dir, f) for f in os.listdir(data_dir)), key=os.path.getsize)
+  with open(path, "r+b") as f:  # flip one bit in the middle
+    f.seek(os.path.getsize(path) // 2)
+    b = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([b[0] ^ 1]))
+
+
+def test_raised_max_steps_continues_and_a_damaged_last_step_is_redone(pairs, tmp_path, capsys):
+  """Mutations caught: a raised ``pretrain.max_steps`` reported "complete" at the old step count;
+  a damaged final checkpoint handing the previous step's weights downstream as "complete"."""
+  cfg = _pairs_config(pairs)
+  cfg.pretrain.max_steps = 4
+  main.run(cfg, str(tmp_path / "w"))
+  cfg.pretrain.max_steps = 6
+  more = main.run(cfg, str(tmp_path / "w"))["pretrain"]
+  assert more.report["steps"] == 6
+  rows = [json.loads(line) for line in open(tmp_path / "w" / "pretrain" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == list(range(1, 7))
+  straight = main.run(cfg, str(tmp_path / "straight"))["pretrain"]
+  a, b = _flat(straight.variables), _flat(more.variables)
+  for k in a:
+    assert np.array_equal(a[k], b[k]), k
+
+  # The final step (6) damaged: the stage redoes it from step 4 instead of handing step 4 on.
+  _damage_largest_array_file(str(tmp_path / "w" / "pretrain" / "checkpoints" / "6"))
+  capsys.readouterr()
+  redone = main.run(cfg, str(tmp_path / "w"))["pretrain"]
+  out = capsys.readouterr().out
+  assert "round 6 is damaged" in out and "redoing it from step 4" in out
+  b = _flat(redone.variables)
+  for k in a:
+    assert np.array_equal(a[k], b[k]), k
+  record = json.loads((tmp_path / "w" / "pretrain" / "stage.json").read_text())
+  assert record["complete"] and record["result"] == checkpoint.state_digest(straight.variables)

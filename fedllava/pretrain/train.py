@@ -280,6 +280,14 @@ def load_pretrained(config, workdir: str) -> dict:
   its latest checkpoint; raises ``FileNotFoundError`` when there is none."""
   if os.path.isdir(os.path.join(workdir, "pretrain", "checkpoints")):
     workdir = os.path.join(workdir, "pretrain")
+  step, variables = _restore(config, workdir)
+  if not step:
+    raise FileNotFoundError(f"{workdir} holds no pretraining checkpoint (checkpoints/<step>).")
+  return variables
+
+
+def _restore(config, workdir: str) -> tuple[int, Optional[dict]]:
+  """(step, g_fl's variables) of the newest intact checkpoint in ``workdir``; (0, None) if none."""
   fl_model = create_fl_model(config)
   tx = dwp.create_optimizer(config.pretrain.learning_rate, 1)
   like = _as_dict(_init_state(config, fl_model, tx))
@@ -290,9 +298,7 @@ def load_pretrained(config, workdir: str) -> dict:
     ckpt.close()
   for note in notes:
     print(note)
-  if not step:
-    raise FileNotFoundError(f"{workdir} holds no pretraining checkpoint (checkpoints/<step>).")
-  return handoff(state)
+  return step, (handoff(state) if step else None)
 
 
 def _load_teacher(config, workdir: str, mesh):
@@ -340,12 +346,19 @@ def run(
   if os.path.exists(report_path):  # complete? (no teacher, no data needed to know)
     with open(report_path, encoding="utf-8") as f:
       saved = json.load(f)
-    if checkpoint.latest_saved_round(ckpt_dir) == saved.get("steps"):
-      variables = load_pretrained(config, workdir)
-      if started is not None:
-        started()
-      print(f"[pretrain] complete in {workdir} (step {saved['steps']}); loaded, not rerun")
-      return StageResult(variables, saved)
+    # complete = the step this config plans (pretrain.max_steps may have been raised since) is
+    # the one saved, reported and restored intact (a damaged last step falls back: redo it)
+    steps = _plan(config, saved["records"])["steps"] if "records" in saved else None
+    if steps == saved.get("steps") == checkpoint.latest_saved_round(ckpt_dir):
+      step, variables = _restore(config, workdir)
+      if step == steps:
+        if started is not None:
+          started()
+        print(f"[pretrain] complete in {workdir} (step {steps}); loaded, not rerun")
+        return StageResult(variables, saved)
+      print(f"[pretrain] step {steps} could not be restored; redoing it from step {step}")
+    elif steps is not None and steps != saved.get("steps"):
+      print(f"[pretrain] continuing from step {saved.get('steps')} to step {steps}")
 
   records, root, source, bad = _records(config, init)
   n_dev = config.mesh.num_devices or jax.device_count()
