@@ -8,8 +8,10 @@ The aggregated model is fine-tuned on a small class-balanced set D_align held by
 with p the FL model's logits and q CLIP's zero-shot logits of the same image. D_align is
 ``align.per_class`` images of every class held out of the training pool *before* the long
 tail (``data/federated.py``; never given to a client, never in the test set), or a user's own
-folder of labelled images (``align.data_dir``). q is computed once and cached on disk, keyed by
-the images, the teacher and the prompts.
+folder of labelled images (``align.data_dir``; one sub-folder per class, named readably or by the
+data set's label string; checked in ``validate``). q is computed once and cached on disk, keyed
+by the images, the teacher and the prompts; the prompts name the classes readably
+(``classnames.get_classnames``: "a photo of a tench.", never a synset id or a digit).
 
 Choices (config fields, defaults with the reason):
   * ``align.params = "all"``: Eq. 5 moves every weight of w_agg; ``"head"`` moves the
@@ -314,7 +316,7 @@ def _folder_images(root: str, index: dict) -> list:
     ValueError: an unknown or ambiguous class folder, or an image path escaping ``root``.
   """
   real_root = os.path.realpath(root)
-  known = sorted(k for k, v in index.items() if v is not None)
+  known = [k for k, v in index.items() if v is not None]  # readable names first
   out = []
   for entry in sorted(os.listdir(real_root)):
     folder = os.path.join(real_root, entry)
