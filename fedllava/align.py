@@ -8,8 +8,10 @@ The aggregated model is fine-tuned on a small class-balanced set D_align held by
 with p the FL model's logits and q CLIP's zero-shot logits of the same image. D_align is
 ``align.per_class`` images of every class held out of the training pool *before* the long
 tail (``data/federated.py``; never given to a client, never in the test set), or a user's own
-folder of labelled images (``align.data_dir``). q is computed once and cached on disk, keyed by
-the images, the teacher and the prompts.
+folder of labelled images (``align.data_dir``; one sub-folder per class, named readably or by the
+data set's label string; checked in ``validate``). q is computed once and cached on disk, keyed
+by the images, the teacher and the prompts; the prompts name the classes readably
+(``classnames.get_classnames``: "a photo of a tench.", never a synset id or a digit).
 
 Choices (config fields, defaults with the reason):
   * ``align.params = "all"``: Eq. 5 moves every weight of w_agg; ``"head"`` moves the
@@ -33,11 +35,13 @@ loaded, not rerun.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
 import math
 import os
+import zipfile
 from typing import Callable, Optional
 
 import jax
@@ -95,12 +99,14 @@ def validate(config) -> None:
     )
   if a.beta > 0:
     classnames.get_templates(a.templates)  # unknown template set -> clear error
+    readable_names(config)  # no readable class names -> clear error, not prompts of digits
   if a.data_dir:
     if not os.path.isdir(a.data_dir):
       raise ValueError(
         f"config.align.data_dir={a.data_dir!r} is not a directory (expected one sub-folder "
         "of images per class name)."
       )
+    check_folder(a.data_dir, folder_index(config))  # before stage 2 runs, not after it
   elif a.per_class < 1:
     raise ValueError(
       "stage 'align' needs D_align: set config.align.per_class >= 1 (images held out per "
@@ -115,6 +121,68 @@ def validate(config) -> None:
 
 def _looks_like_path(name: str) -> bool:
   return name.startswith(("/", ".", "~")) or os.path.exists(name)
+
+
+# ---- class names: readable ones for CLIP's prompts, folder names for a user's D_align ----
+def readable_names(config) -> list[str]:
+  """The readable class names of ``config.data.name`` (``classnames.get_classnames``).
+
+  CLIP's prompts need them ("a photo of a tench.", not "a photo of a n01440764.").
+
+  Raises:
+    ValueError: the data set has none (e.g. ``synthetic``), naming the fields and the fix.
+  """
+  a = config.align
+  try:
+    return classnames.get_classnames(config.data.name)
+  except ValueError as e:
+    raise ValueError(
+      f"config.align.beta={a.beta:g} needs readable class names for CLIP's prompts, and "
+      f"config.data.name={config.data.name!r} has none ({e}); set --config.align.beta=0 to "
+      "align with cross-entropy only, or use a data set with class names."
+    ) from None
+
+
+def class_names(config, num_classes: int) -> list[str]:
+  """Stage 3's class names (prompts, report): readable, or ``"0"..`` without any when beta = 0."""
+  try:
+    names = readable_names(config)
+  except ValueError:
+    if config.align.beta > 0:
+      raise
+    return [str(c) for c in range(num_classes)]  # no prompts: the names only label the report
+  if len(names) != num_classes:
+    raise ValueError(
+      f"config.data.name={config.data.name!r} has {num_classes} classes but "
+      f"{len(names)} readable class names; fedllava/data/classnames.py does not match it."
+    )
+  return names
+
+
+def _label_strings(config) -> tuple:
+  """The data set's own label strings (TFDS: the builder's metadata), without its images."""
+  d = config.data
+  if d.name in ("cifar10", "cifar100", "imagenet_lt"):
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (only for a TFDS data set)
+
+    builder = tfds.builder(d.name, data_dir=d.data_dir or None, file_format="array_record")
+    return tuple(builder.info.features["label"].names or ())
+  return federated._load(config, "test").class_names or ()  # digits, synthetic: cheap
+
+
+def folder_index(config) -> dict:
+  """``{folder name: label}`` for a user's D_align: the readable names (also with ``_`` for
+  spaces, e.g. "aquarium_fish") and the data set's own label strings (e.g. "n01440764", "0").
+  A name two classes claim maps to None (refused as ambiguous)."""
+  try:
+    readable = classnames.get_classnames(config.data.name)
+  except ValueError:
+    readable = []
+  index = {}
+  for names in (readable, [n.replace(" ", "_") for n in readable], _label_strings(config)):
+    for label, name in enumerate(names):
+      index[name] = label if index.get(name, label) == label else None
+  return index
 
 
 def alignment_loss(logits, labels, teacher_logits, weights, beta: float, temperature: float = 1.0):
@@ -241,26 +309,24 @@ class AlignSet:
   ids: tuple  # held-out indices into the training split, or relative file paths
 
 
-def load_folder(root: str, class_names, image_shape) -> AlignSet:
-  """A user's D_align: ``root/<class name>/<image>``, resized to the data set's image shape.
+def _folder_images(root: str, index: dict) -> list:
+  """``[(relative path, real path, label)]`` of ``root/<class folder>/<image>``, sorted.
 
   Raises:
-    ValueError: an unknown class folder, an image path escaping ``root`` (e.g. a symlink),
-      an unreadable image, or no image at all.
+    ValueError: an unknown or ambiguous class folder, or an image path escaping ``root``.
   """
-  from PIL import Image  # noqa: PLC0415 (only for a user folder)
-
   real_root = os.path.realpath(root)
-  index = {name: i for i, name in enumerate(class_names)}
-  images, labels, ids = [], [], []
+  known = [k for k, v in index.items() if v is not None]  # readable names first
+  out = []
   for entry in sorted(os.listdir(real_root)):
     folder = os.path.join(real_root, entry)
     if not os.path.isdir(folder):
       continue
-    if entry not in index:
+    if index.get(entry) is None:
+      what = "names two classes" if entry in index else "is not a class name of this data set"
       raise ValueError(
-        f"config.align.data_dir: folder {entry!r} is not a class name of this data set; "
-        f"rename it to one of {list(class_names)[:10]}{' ...' if len(class_names) > 10 else ''}."
+        f"config.align.data_dir: folder {entry!r} {what}; rename it to one of "
+        f"{known[:10]}{' ...' if len(known) > 10 else ''}."
       )
     for name in sorted(os.listdir(folder)):
       if not name.lower().endswith(_IMAGE_SUFFIXES):
@@ -268,24 +334,64 @@ def load_folder(root: str, class_names, image_shape) -> AlignSet:
       path = os.path.realpath(os.path.join(folder, name))
       if os.path.commonpath([path, real_root]) != real_root:
         raise ValueError(f"config.align.data_dir: {entry}/{name} points outside {root}; refused.")
-      try:
-        with Image.open(path) as im:
-          im = im.convert("RGB").resize((image_shape[1], image_shape[0]), Image.BILINEAR)
-          images.append(np.asarray(im, np.uint8))
-      except OSError as e:
-        raise ValueError(f"config.align.data_dir: cannot read {entry}/{name}: {e}") from None
-      labels.append(index[entry])
-      ids.append(f"{entry}/{name}")
-  if not images:
+      out.append((f"{entry}/{name}", path, index[entry]))
+  if not out:
     raise ValueError(f"config.align.data_dir={root!r} holds no images in class sub-folders.")
-  return AlignSet(np.stack(images), np.asarray(labels, np.int32), real_root, tuple(ids))
+  return out
+
+
+def _read_image(rel: str, path: str, image_shape=None) -> Optional[np.ndarray]:
+  """Decodes one D_align image (resized to ``image_shape`` if given); an unreadable one, a
+  decompression bomb included, is a ``ValueError`` naming it: dropping it would change D_align."""
+  from PIL import Image  # noqa: PLC0415 (only for a user folder)
+
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB")
+      if image_shape is None:
+        return None
+      im = im.resize((image_shape[1], image_shape[0]), Image.BILINEAR)
+      return np.asarray(im, np.uint8)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(
+      f"config.align.data_dir: cannot read {rel}: {e}; fix or remove the file."
+    ) from None
+
+
+def check_folder(root: str, index: dict) -> None:
+  """Checks a user's D_align before anything runs: class folders, paths, every image decoded."""
+  for rel, path, _ in _folder_images(root, index):
+    _read_image(rel, path)
+
+
+def load_folder(root: str, class_names, image_shape, *, index=None) -> AlignSet:
+  """A user's D_align: ``root/<class name>/<image>``, resized to the data set's image shape.
+
+  Args:
+    class_names: the class names in label order (the folder names), unless ``index``
+      (``{folder name: label}``, see ``folder_index``) is given.
+
+  Raises:
+    ValueError: an unknown class folder, an image path escaping ``root`` (e.g. a symlink),
+      an unreadable image, or no image at all.
+  """
+  if index is None:
+    index = {name: i for i, name in enumerate(class_names)}
+  found = _folder_images(root, index)
+  images = [_read_image(rel, path, image_shape) for rel, path, _ in found]
+  return AlignSet(
+    np.stack(images),
+    np.asarray([label for *_, label in found], np.int32),
+    os.path.realpath(root),
+    tuple(rel for rel, *_ in found),
+  )
 
 
 def align_set(config, server: federated.ServerData) -> AlignSet:
   """D_align from ``config.align.data_dir`` if set, else the held-out balanced images."""
-  names = server.test.class_names or [str(c) for c in range(server.num_classes)]
   if config.align.data_dir:
-    return load_folder(config.align.data_dir, names, server.test.images.shape[1:3])
+    shape = server.test.images.shape[1:3]
+    return load_folder(config.align.data_dir, None, shape, index=folder_index(config))
   if server.align is None:
     raise ValueError("no D_align: set config.align.per_class >= 1 or config.align.data_dir.")
   return AlignSet(
@@ -309,12 +415,36 @@ def _q_key(config, dset: AlignSet, names) -> dict:
   }
 
 
+def _read_q_cache(path: str, blob: str, shape) -> Optional[np.ndarray]:
+  """q from a cache file made with key ``blob``; None to recompute. A damaged file (not an
+  npz, truncated, a flipped byte, empty) is derived data: moved to ``damaged/`` beside it."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      key, q = str(f["key"]), np.asarray(f["q"])
+    if q.shape != shape or q.dtype != np.float32:
+      raise ValueError(f"q has shape {q.shape} {q.dtype}, expected {shape} float32")
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    dest_dir = os.path.join(os.path.dirname(path), "damaged")
+    os.makedirs(dest_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest, n = os.path.join(dest_dir, f"{os.path.basename(path)}-{stamp}"), 1
+    while os.path.exists(dest):
+      n += 1
+      dest = os.path.join(dest_dir, f"{os.path.basename(path)}-{stamp}-{n}")
+    os.rename(path, dest)
+    why = type(e).__name__
+    print(f"[align] zero-shot q cache {path} is damaged ({why}); moved to {dest}; recomputing")
+    return None
+  return q if key == blob else None
+
+
 def zero_shot_q(config, dset: AlignSet, names, cache_dir: str, load_teacher=None) -> np.ndarray:
   """CLIP's zero-shot logits q of D_align (float32 ``[N, C]``), from the cache when it matches.
 
   The cache file's name is a hash of the key (data set, D_align's ids and pixels, teacher,
   templates, class names); the key is also stored inside and compared on reading, so a changed
-  template, teacher or hold-out recomputes. Written atomically; read without pickle.
+  template, teacher or hold-out recomputes. Written atomically; read without pickle; a damaged
+  file is moved to ``damaged/`` in ``cache_dir`` (one printed line) and q recomputed.
 
   Args:
     load_teacher: ``name -> ClipTeacher`` (default ``ClipTeacher.load``); tests count calls.
@@ -325,9 +455,9 @@ def zero_shot_q(config, dset: AlignSet, names, cache_dir: str, load_teacher=None
     cache_dir, f"zero_shot_q-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz"
   )
   if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as f:
-      if str(f["key"]) == blob:
-        return f["q"]
+    q = _read_q_cache(path, blob, (len(dset.labels), len(names)))
+    if q is not None:
+      return q
   if load_teacher is None:
     from fedllava.models import clip  # noqa: PLC0415 (transformers only when a teacher is used)
 
@@ -362,7 +492,7 @@ class _Context:
 
 def _prepare(config, workdir: str, load_teacher=None) -> _Context:
   server = federated.build_server_data(config)
-  names = list(server.test.class_names or [str(c) for c in range(server.num_classes)])
+  names = class_names(config, server.num_classes)
   dset = align_set(config, server)
   q = None
   if config.align.beta == 0:

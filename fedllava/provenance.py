@@ -31,6 +31,7 @@ import jax
 from flax import traverse_util
 
 from fedllava import checkpoint, fileio
+from fedllava.data import federated
 from fedllava.stage import StageResult
 
 STAGE_FILE = "stage.json"
@@ -106,7 +107,7 @@ def fields(config, stage: str) -> dict:
 
 def holdout_per_class(config) -> int:
   """Images per class held out of the training pool for D_align (``data/federated.py``)."""
-  return int(config.align.per_class) if config.get("align") else 0
+  return int(config.align.per_class) if federated.needs_server_holdout(config) else 0
 
 
 def key(config, stage: str, upstream: Optional[str]) -> dict:

@@ -237,3 +237,126 @@ def test_bad_align_config_names_the_field(override, message):
     node[last] = v
   with pytest.raises(ValueError, match=message):
     main.validate(cfg)
+
+
+def _flip_one_byte(data: bytes) -> bytes:
+  i = len(data) // 2  # inside q's bytes
+  return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+
+
+@pytest.mark.parametrize(
+  "damage",
+  [
+    lambda b: b"this is not an npz file at all" * 4,  # garbage
+    lambda b: b[: len(b) // 2],  # truncated
+    _flip_one_byte,
+    lambda b: b"",  # empty
+  ],
+  ids=["garbage", "truncated", "flipped_byte", "empty"],
+)
+def test_damaged_q_cache_is_set_aside_and_recomputed(tmp_path, capsys, damage):
+  cfg = digits_lt.get_config("tiny")
+  cfg.align.teacher, cfg.align.beta = "fake", 1.0
+  dset = align.align_set(cfg, federated.build_server_data(cfg))
+  names = classnames.get_classnames("digits")
+  _CountingTeacher.loads = 0
+  q1 = align.zero_shot_q(cfg, dset, names, str(tmp_path), _CountingTeacher)
+  (cache,) = [f for f in os.listdir(tmp_path) if f.startswith("zero_shot_q-")]
+  good = (tmp_path / cache).read_bytes()
+  (tmp_path / cache).write_bytes(damage(good))
+  capsys.readouterr()
+  q2 = align.zero_shot_q(cfg, dset, names, str(tmp_path), _CountingTeacher)
+  assert _CountingTeacher.loads == 2  # recomputed once
+  np.testing.assert_array_equal(q1, q2)
+  (moved,) = os.listdir(tmp_path / "damaged")  # set aside, not deleted
+  assert moved.startswith(cache) and (tmp_path / "damaged" / moved).read_bytes() == damage(good)
+  lines = [s for s in capsys.readouterr().out.splitlines() if " is damaged " in s]
+  assert len(lines) == 1 and cache in lines[0]
+  np.testing.assert_array_equal(
+    align.zero_shot_q(cfg, dset, names, str(tmp_path), _CountingTeacher), q1
+  )
+  assert _CountingTeacher.loads == 2  # the rewritten cache is read
+
+
+def _d_align(root, classes=("zero", "seven")):
+  from PIL import Image
+
+  for name in classes:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+      Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / name / f"{i}.png")
+  return root
+
+
+def _break_missing(root, tmp_path):
+  return str(tmp_path / "nowhere"), "not a directory"
+
+
+def _break_empty(root, tmp_path):
+  empty = tmp_path / "empty"
+  (empty / "zero").mkdir(parents=True)
+  return str(empty), "holds no images"
+
+
+def _break_unreadable(root, tmp_path):
+  (root / "seven" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  return str(root), "cannot read seven/bad.png"
+
+
+def _break_truncated(root, tmp_path):
+  from PIL import Image
+
+  noise = np.random.default_rng(0).integers(0, 256, (20, 20, 3), np.uint8)
+  Image.fromarray(noise).save(root / "seven" / "1.png")
+  data = (root / "seven" / "1.png").read_bytes()
+  (root / "seven" / "1.png").write_bytes(data[: len(data) // 2])
+  return str(root), "cannot read seven/1.png"
+
+
+def _break_symlink(root, tmp_path):
+  outside = tmp_path / "secret.png"
+  (outside).write_bytes((root / "zero" / "0.png").read_bytes())
+  os.symlink(outside, root / "seven" / "link.png")
+  return str(root), "points outside"
+
+
+def _break_unknown_class(root, tmp_path):
+  _d_align(root, ("cat",))
+  return str(root), "'cat' is not a class name"
+
+
+def _break_bomb(root, tmp_path):
+  from PIL import Image
+
+  Image.new("L", (600, 600)).save(root / "zero" / "big.png")  # > 2 x MAX_IMAGE_PIXELS below
+  return str(root), "cannot read zero/big.png.*decompression bomb"
+
+
+@pytest.mark.parametrize(
+  "breaks",
+  [
+    _break_missing,
+    _break_empty,
+    _break_unreadable,
+    _break_truncated,
+    _break_symlink,
+    _break_unknown_class,
+    _break_bomb,
+  ],
+)
+def test_bad_d_align_folder_is_a_config_error_before_anything_runs(tmp_path, monkeypatch, breaks):
+  """align.data_dir is checked in validate: the error comes before stage 2 writes anything."""
+  from PIL import Image
+
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # a 600 x 600 PNG is a "bomb"
+  root = _d_align(tmp_path / "dalign")
+  cfg = digits_lt.get_config("tiny")
+  cfg.align.data_dir = str(root)
+  main.validate(cfg)  # the intact folder passes
+  cfg.align.data_dir, message = breaks(root, tmp_path)
+  with pytest.raises(ValueError, match=message):
+    main.validate(cfg)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    main.run(cfg, str(workdir))
+  assert not workdir.exists()

@@ -300,3 +300,16 @@ def test_question_choice_and_folder_rules(tmp_path, llava, tokenizer):
       str(tmp_path / "a.json"),
       **{**KW, "prompt_len": 8},
     )
+
+
+def test_decompression_bomb_is_skipped_and_reported(llava, tokenizer, tmp_path, monkeypatch):
+  """Pillow's DecompressionBombError (not an OSError) skips the image like any unreadable one."""
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # the 28x28 and 40x30 images stay below
+  model, params = llava
+  image_dir = tmp_path / "images"
+  make_images(image_dir, 2)
+  Image.new("L", (60, 60)).save(image_dir / "bomb.png")  # 3600 > 2 x 1500 pixels
+  out = tmp_path / "ann.json"
+  report = annotate_folder(model, params, tokenizer, str(image_dir), str(out), **KW)
+  assert report["unreadable"] == ["bomb.png"]
+  assert {e["id"] for e in json.loads(out.read_text())} == {"img0", "img1"}

@@ -469,3 +469,39 @@ def test_imagenet_lt_through_tfds_mock(tmp_path):
     ds = sources.load_dataset("imagenet_lt", "train", manual_dir=str(tmp_path), image_size=24)
   assert ds.images.shape == (6, 24, 24, 3) and ds.images.dtype == np.uint8
   assert ds.num_classes == 1000 and ds.labels.max() < 1000
+
+
+def _lt_size(labels, imbalance_factor=10.0, num_classes=10):
+  """CReFF's long-tail size by counting: n_c = int(n_max (1/IF)^(c/(C-1))), n_max = N/C."""
+  counts = np.bincount(labels, minlength=num_classes)
+  n_max = len(labels) / num_classes
+  return sum(
+    min(int(counts[c]), int(n_max * (1 / imbalance_factor) ** (c / (num_classes - 1))))
+    for c in range(num_classes)
+  )
+
+
+def test_d_align_is_held_out_only_when_stage_3_runs():
+  """stages=federate trains on the long tail of the FULL train split (CReFF's pool); only with
+  'align' in config.stages are align.per_class images per class held out of it first."""
+  from conftest import tiny_digits
+
+  full = sources.load_dataset("digits", "train")
+  lt = lambda labels: longtail.make_longtail(labels, 10, 10.0, np.random.RandomState(7))  # noqa: E731
+  only2 = tiny_digits(stages="federate")
+  assert only2.align.per_class == 10 and not federated.needs_server_holdout(only2)
+  data = federated.build(only2)
+  assert data.align is None and len(data.align_indices) == 0
+  assert len(data.train) == _lt_size(full.labels)
+  np.testing.assert_array_equal(data.train.images, full.images[lt(full.labels)])
+  assert federated.build_server_data(only2).align is None
+
+  both = tiny_digits(stages="federate,align")
+  assert federated.needs_server_holdout(both)
+  data = federated.build(both)
+  held = data.align_indices
+  assert np.bincount(full.labels[held], minlength=10).tolist() == [10] * 10
+  rest = np.setdiff1d(np.arange(len(full)), held)
+  assert len(data.train) == _lt_size(full.labels[rest])
+  np.testing.assert_array_equal(data.train.images, full.images[rest[lt(full.labels[rest])]])
+  np.testing.assert_array_equal(data.align.images, full.images[held])

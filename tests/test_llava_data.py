@@ -393,6 +393,25 @@ def test_unreadable_image_midway_is_masked_or_raises(tokenizer, plain_set):
     list(_loader(records, root, tokenizer, batch_size=5, bad_examples="fail"))
 
 
+def test_decompression_bomb_is_skipped_and_reported(tokenizer, plain_set, monkeypatch):
+  """Pillow's DecompressionBombError is not an OSError: it is still an unreadable image, skipped
+  at validation and masked while loading, reported by id."""
+  from PIL import Image
+
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # a bomb above 2 x 5000 pixels
+  json_path, root = plain_set
+  records, _ = llava.read_conversations(json_path, root)
+  Image.new("L", (120, 120)).save(os.path.join(root, "c2.png"))  # 14400 pixels
+  with pytest.raises(Image.DecompressionBombError):
+    llava.load_image(os.path.join(root, "c2.png"), 12)
+  loader = _loader(records, root, tokenizer, batch_size=5, shuffle=False)
+  (batch,) = list(loader)
+  assert batch["valid"].tolist() == [True, True, False, True, True]
+  assert loader.report == {"unreadable_image": ["c2"]}
+  kept, report = llava.read_conversations(json_path, root)
+  assert report["unreadable_image"] == ["c2"] and "c2" not in [r["id"] for r in kept]
+
+
 def test_plain_refuses_multi_turn(tokenizer, chat_set):
   records, _ = llava.read_conversations(*chat_set)
   with pytest.raises(ValueError, match="'plain' template takes 2 turns"):

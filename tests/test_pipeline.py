@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_digits
 
-from fedllava import align, main
+from fedllava import align, federate, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -69,9 +69,13 @@ def test_every_round_alignment_reaches_the_clients_and_resumes(tmp_path, monkeyp
   cfg = _tiny(3, **{"align.when": "every_round"})
   straight = main.run(cfg, str(tmp_path / "a"))
   plain, aligned = straight["federate_plain"], straight["federate"]
-  # The plain baseline equals a run without alignment; the aligned run differs from it.
-  alone = main.run(_tiny(3, stages="federate"), str(tmp_path / "alone"))["federate"]
+  # The plain baseline equals stage 2 alone on the same pool (D_align held out, as 'align' is
+  # in config.stages); the aligned run differs from it.
+  alone = federate.run(cfg, str(tmp_path / "alone"))
   _assert_same(plain.variables, alone.variables)
+  for run in (plain, aligned):
+    assert run.report["d_align_held_out"] == 100
+    assert run.report["train_pool_size"] == alone.report["train_pool_size"]
   head = lambda v: np.asarray(v["params"]["classifier"]["kernel"])  # noqa: E731
   assert not np.array_equal(head(plain.variables), head(aligned.variables))
   # Killed in round 3 of the aligned run: the resumed run replays the per-round alignment.

@@ -326,3 +326,15 @@ def test_raised_max_steps_continues_and_a_damaged_last_step_is_redone(pairs, tmp
     assert np.array_equal(a[k], b[k]), k
   record = json.loads((tmp_path / "w" / "pretrain" / "stage.json").read_text())
   assert record["complete"] and record["result"] == checkpoint.state_digest(straight.variables)
+
+
+def test_report_counts_epochs_in_images_seen_not_padded_rows():
+  """33 pairs, batch 16, one epoch: 3 steps hold 48 rows, 15 of them placeholders; the report
+  says 1 epoch (33 images seen / 33 pairs), not 48 / 33 = 1.45."""
+  c = digits_lt.get_config("pretrain_demo")
+  c.pretrain.batch_size = 16
+  plan = {"steps": 3}
+  out = train._report(c, plan, 33, 33, "data.json", {}, [{"train/loss": 2.0}])
+  assert out["epochs"] == 1.0 and out["images_seen"] == 33 and out["records"] == 33
+  out = train._report(c, {"steps": 5}, 66, 33, "data.json", {}, [])  # 2 epochs in 5 steps
+  assert out["epochs"] == 2.0

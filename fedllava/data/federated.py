@@ -1,4 +1,4 @@
-"""From a config to client data: load, hold out D_align, long-tail, partition, pad.
+"""From a config to client data: load, hold out D_align (if stage 3 runs), long-tail, partition.
 
 Seeds (DESIGN.md, "The CReFF protocol"): the long tail uses ``RandomState(longtail_seed)``
 (CReFF: numpy's global generator seeded 7 whatever ``--seed`` says; our default is 7 too, and
@@ -115,13 +115,23 @@ def validate(config) -> None:
       raise ValueError("ImageNet-LT images vary in size: set config.data.image_size (e.g. 224).")
 
 
+def needs_server_holdout(config) -> bool:
+  """Whether the server holds ``align.per_class`` images per class out of the training pool:
+  only when a stage that uses them runs (``align`` in ``config.stages``) and no user folder
+  (``align.data_dir``) replaces them; otherwise stage 2 trains on the full long tail (CReFF's
+  pool)."""
+  stages = [s for s in config.get("stages", "").split(",") if s]
+  a = config.get("align")
+  return "align" in stages and bool(a) and a.per_class > 0 and not a.get("data_dir")
+
+
 def _pools(config, full: sources.Dataset):
   """(D_align positions, long-tailed training positions) in the full training split."""
   d = config.data
   c = full.num_classes
   pool = np.arange(len(full))
   held = np.zeros((0,), np.int64)
-  per_class = config.align.per_class if config.get("align") else 0
+  per_class = config.align.per_class if needs_server_holdout(config) else 0
   lt_seed = config.seed if d.longtail_seed is None else d.longtail_seed
   if per_class > 0:  # seeded with the long tail's seed: a seed sweep keeps D_align and the pool
     try:

@@ -170,10 +170,11 @@ def run(
   if done:
     print(f"[resume] federate: restored round {done} from {workdir}/checkpoints")
 
+  held = len(data.align_indices)
   print(
-    f"[data] {d.name}: {len(data.train)} long-tailed training images "
-    f"(IF={d.imbalance_factor:g}) over {fl.num_clients} clients, {len(data.test)} test images"
-    + (f", {len(data.align)} held out for D_align" if data.align is not None else "")
+    f"[data] {d.name}: training pool of {len(data.train)} long-tailed images "
+    f"(IF={d.imbalance_factor:g}) over {fl.num_clients} clients, {len(data.test)} test images, "
+    + (f"{held} held out for D_align" if held else "none held out for D_align")
   )
   print(partition.format_histogram(data.histogram))
   partition.save_histogram(data.histogram, os.path.join(workdir, "client_histogram.csv"))
@@ -277,7 +278,8 @@ def run(
   writer.close()
   if final is None:  # resumed at the last round: evaluate the restored model
     final = test_report(state["variables"])
-  out = _write_outputs(workdir, final, meta, history, data.test.class_names)
+  pool = {"train_pool_size": len(data.train), "d_align_held_out": len(data.align_indices)}
+  out = _write_outputs(workdir, final, meta, history, data.test.class_names, pool)
   return StageResult(state["variables"], out)
 
 
@@ -294,7 +296,8 @@ def _diverged(round_index, variables, ckpt, writer, where="after aggregation"):
   )
 
 
-def _write_outputs(workdir, final, meta, history, names) -> dict:
+def _write_outputs(workdir, final, meta, history, names, pool) -> dict:
+  """Prints and writes the report; ``pool``: the training pool's size and D_align's hold-out."""
   print(report.format_report(final, names))
   print(
     f"final round top-1 {final['top1']:.2f}%; best round {meta['best_round']}: "
@@ -306,6 +309,7 @@ def _write_outputs(workdir, final, meta, history, names) -> dict:
     "best": {"best_top1": meta["best_top1"], "best_round": meta["best_round"]},
     "curve": curve,
     "class_names": list(names) if names else None,
+    **pool,
   }
   if jax.process_index() != 0:
     return out

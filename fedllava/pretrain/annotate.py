@@ -46,6 +46,8 @@ from fedllava.pretrain import prompts
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 log = logging.getLogger(__name__)
+# Pillow's errors for a file it cannot decode; DecompressionBombError is not an OSError.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def list_images(image_dir: str) -> Tuple[List[Tuple[str, str]], List[str]]:
@@ -255,7 +257,7 @@ def annotate_folder(
       if cached[0] != rel:
         try:
           cached = (rel, load_image(os.path.join(image_dir, rel), image_size))
-        except (OSError, ValueError) as e:  # unreadable or not an image: skipped, retried next run
+        except _UNREADABLE as e:  # unreadable, not an image, a bomb: skipped, retried next run
           log.warning("skipping %s: %s", rel, e)
           unreadable.append(rel)
           cached = (rel, None)

@@ -512,7 +512,7 @@ def _report(config, plan, images_seen, num_records, source, bad, history) -> dic
   losses = [r["train/loss"] for r in history if "train/loss" in r]
   out = {
     **plan,
-    "epochs": plan["steps"] * p.batch_size / num_records,
+    "epochs": images_seen / num_records,  # valid rows only: a placeholder is no image seen
     "planned_epochs": p.epochs,
     "records": num_records,
     "images_seen": int(images_seen),
