@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fedllava import fileio
+from fedllava import errors, fileio
 
 # Fields that may differ between a run and its resumption (how long, how often, where).
 _RESUMABLE_CHANGES = (
@@ -65,7 +65,7 @@ DAMAGED_DIR = "damaged"  # under the checkpoint directory; not a step name, so o
 _INTEGRITY_KEY = "_integrity"  # reserved key in the saved meta dict
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint could not be written or used; the message says what is intact and what to do."""
 
 
@@ -84,6 +84,26 @@ def _canonical(value: Any) -> str:
 
 def _flat_config(config) -> dict:
   return traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+
+
+def _read_json(path: str, what: str, fix: str) -> dict:
+  """A JSON object from ``path``; a damaged file is one message: the file, ``what`` it is, ``fix``."""
+  try:
+    with open(path, "rb") as f:
+      value = json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    value, reason = None, f"{type(e).__name__}: {e}"
+  else:
+    reason = f"holds a JSON {type(value).__name__}, not an object"
+  if isinstance(value, dict):
+    return value
+  raise errors.DamagedFileError(f"{path} is damaged ({reason}); it is {what}. {fix}")
+
+
+_CONFIG_FIX = (
+  "Restore it from a backup, or move it away and rerun (this command's config is then "
+  "taken as the run's), or use a new --workdir."
+)
 
 
 def _is_resumable(field: str) -> bool:
@@ -108,8 +128,8 @@ def check_config(workdir: str, config, has_progress: bool) -> list[str]:
   path = os.path.join(workdir, CONFIG_FILE)
   if not has_progress or not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    saved = traverse_util.flatten_dict(json.load(f), sep=".")
+  saved = _read_json(path, "the config of the run saved here", _CONFIG_FIX)
+  saved = traverse_util.flatten_dict(saved, sep=".")
   now = _flat_config(config)
   changed = sorted(
     k for k in set(saved) | set(now) if _canonical(saved.get(k)) != _canonical(now.get(k))
@@ -134,14 +154,15 @@ def write_config(workdir: str, config, resumed_changes: Sequence[str] = ()) -> N
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if resumed_changes and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = traverse_util.flatten_dict(json.load(f), sep=".")
+    old = _read_json(path, "the config of the run saved here", _CONFIG_FIX)
+    old = traverse_util.flatten_dict(old, sep=".")
     now = _flat_config(config)
     log_path = os.path.join(workdir, RESUME_LOG_FILE)
     log = {"resumed": []}
     if os.path.exists(log_path):
-      with open(log_path, encoding="utf-8") as f:
-        log = json.load(f)
+      log = _read_json(
+        log_path, "the log of resumed changes", "Move it away and rerun (a new log is begun)."
+      )
     log.setdefault("resumed", []).append(
       {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

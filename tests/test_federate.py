@@ -300,11 +300,11 @@ def test_torn_metrics_line_and_stale_temporaries_are_repaired_on_resume(tmp_path
   jsonl = tmp_path / "federate" / "metrics.jsonl"
   text = jsonl.read_text()
   jsonl.write_text(text[: text.rindex("{") + 10])  # round 2's line torn mid-write
-  (tmp_path / "federate" / ".tmp-stale").write_text("")
+  (tmp_path / "federate" / ".tmp-fedllava-stale").write_text("")
   main.run(_tiny(3, stages="federate"), str(tmp_path))
   steps = [json.loads(s)["step"] for s in jsonl.read_text().splitlines()]
   assert steps == [1, 2, 3]
-  assert not (tmp_path / "federate" / ".tmp-stale").exists()
+  assert not (tmp_path / "federate" / ".tmp-fedllava-stale").exists()
   log = json.loads((tmp_path / "resume_log.json").read_text())
   assert "fl.rounds" in log["resumed"][-1]["changed"]
 
