@@ -47,7 +47,7 @@ import optax
 
 from fedllava import checkpoint, evaluate, fileio, predict, report, sharding
 from fedllava.data import augment, classnames, federated
-from fedllava.models import resnet
+from fedllava.models import hub, resnet
 from fedllava.stage import StageResult
 
 REPORT = "report.json"
@@ -95,6 +95,7 @@ def validate(config) -> None:
     )
   if a.beta > 0:
     classnames.get_templates(a.templates)  # unknown template set -> clear error
+    hub.check_hub_teacher(a.teacher, "config.align.teacher")
   if a.data_dir:
     if not os.path.isdir(a.data_dir):
       raise ValueError(

@@ -1,5 +1,7 @@
 """main.main prints a UserError as one line and keeps every other exception's traceback."""
 
+import os
+
 import ml_collections
 import pytest
 
@@ -97,3 +99,24 @@ def test_a_full_disk_is_one_line_with_the_path_and_the_fix(
   assert err.startswith(f"fedllava: the disk is full writing {target} (")
   assert "free space on that filesystem" in err and "rerun the same command to resume" in err
   assert not target.exists() and os.listdir(target.parent) == []
+
+
+def test_an_uncached_hub_teacher_is_one_message_before_anything_is_written(tmp_path):
+  from conftest import tiny_digits
+
+  assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: no network in the tests
+  name = "nobody-fedllava/not-a-cached-model"
+  cases = [
+    (
+      "config.align.teacher",
+      {"stages": "federate,align", "align.beta": 0.5, "align.teacher": name},
+    ),
+    ("config.pretrain.teacher", {"stages": "annotate,pretrain,federate", "pretrain.teacher": name}),
+  ]
+  for field, overrides in cases:
+    with pytest.raises(errors.MissingInputError) as e:
+      main.validate(tiny_digits(1, **overrides))
+    message = str(e.value)
+    assert message.startswith(f"{field}={name!r} is not in the Hugging Face cache (")
+    assert f"huggingface-cli download {name}" in message and "local checkpoint directory" in message
+  assert os.listdir(tmp_path) == []
