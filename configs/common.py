@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "cifar10"
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  # CIFAR missing from data_dir (else $TFDS_DATA_DIR, else ~/tensorflow_datasets): True downloads
+  # it (after a quick check that the host answers), False never tries the network. Either way a
+  # copy that cannot be had is one message before anything is written.
+  c.data.download = True
   c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # imagenet_lt only
   c.data.imbalance_factor = 100.0
   # CReFF fixes the long-tail subset with numpy seed 7 whatever --seed says; so do we, so a

@@ -51,7 +51,7 @@ import optax
 
 from fedllava import checkpoint, evaluate, fileio, predict, report, sharding
 from fedllava.data import augment, classnames, federated
-from fedllava.models import resnet
+from fedllava.models import hub, resnet
 from fedllava.stage import StageResult
 
 REPORT = "report.json"
@@ -100,6 +100,7 @@ def validate(config) -> None:
   if a.beta > 0:
     classnames.get_templates(a.templates)  # unknown template set -> clear error
     readable_names(config)  # no readable class names -> clear error, not prompts of digits
+    hub.check_hub_teacher(a.teacher, "config.align.teacher")
   if a.data_dir:
     if not os.path.isdir(a.data_dir):
       raise ValueError(

@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fedllava import fileio
+from fedllava import errors, fileio
 
 CONFIG_FILE = "config.json"
 RESUME_LOG_FILE = "resume_log.json"
@@ -46,7 +46,7 @@ DAMAGED_DIR = "damaged"  # under the checkpoint directory; not a step name, so o
 _INTEGRITY_KEY = "_integrity"  # reserved key in the saved meta dict
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint could not be written or used; the message says what is intact and what to do."""
 
 
@@ -67,6 +67,26 @@ def _flat_config(config) -> dict:
   return traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
 
 
+def _read_json(path: str, what: str, fix: str) -> dict:
+  """A JSON object from ``path``; a damaged file is one message: the file, ``what`` it is, ``fix``."""
+  try:
+    with open(path, "rb") as f:
+      value = json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    value, reason = None, f"{type(e).__name__}: {e}"
+  else:
+    reason = f"holds a JSON {type(value).__name__}, not an object"
+  if isinstance(value, dict):
+    return value
+  raise errors.DamagedFileError(f"{path} is damaged ({reason}); it is {what}. {fix}")
+
+
+_CONFIG_FIX = (
+  "Restore it from a backup, or move it away and rerun (this command's config is then "
+  "taken as the run's), or use a new --workdir."
+)
+
+
 def check_config(workdir: str, config, has_progress: bool) -> list[str]:
   """The fields in which ``config`` differs from the one that last ran in ``workdir``.
 
@@ -84,8 +104,8 @@ def check_config(workdir: str, config, has_progress: bool) -> list[str]:
   path = os.path.join(workdir, CONFIG_FILE)
   if not has_progress or not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    saved = traverse_util.flatten_dict(json.load(f), sep=".")
+  saved = _read_json(path, "the config of the run saved here", _CONFIG_FIX)
+  saved = traverse_util.flatten_dict(saved, sep=".")
   now = _flat_config(config)
   return sorted(
     k for k in set(saved) | set(now) if _canonical(saved.get(k)) != _canonical(now.get(k))
@@ -97,13 +117,9 @@ def append_resume_log(workdir: str, entry: dict) -> None:
   log_path = os.path.join(workdir, RESUME_LOG_FILE)
   log = {"resumed": []}
   if os.path.exists(log_path):
-    try:
-      with open(log_path, encoding="utf-8") as f:
-        log = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-      log = {"resumed": [], "unreadable_before": _now()}
-    if not isinstance(log, dict) or not isinstance(log.get("resumed", []), list):
-      log = {"resumed": [], "unreadable_before": _now()}
+    log = _read_json(
+      log_path, "the log of resumed changes", "Move it away and rerun (a new log is begun)."
+    )
   log.setdefault("resumed", []).append(entry)
   fileio.atomic_write_text(log_path, json.dumps(log, indent=2))
 
@@ -122,8 +138,8 @@ def write_config(workdir: str, config, resumed_changes: Sequence[str] = ()) -> N
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if resumed_changes and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = traverse_util.flatten_dict(json.load(f), sep=".")
+    old = _read_json(path, "the config of the run saved here", _CONFIG_FIX)
+    old = traverse_util.flatten_dict(old, sep=".")
     now = _flat_config(config)
     append_resume_log(
       workdir, {"time": _now(), "changed": {k: [old.get(k), now.get(k)] for k in resumed_changes}}

@@ -1,9 +1,12 @@
 """Atomic file writes, and one run per workdir.
 
 Every file a run writes outside orbax (config, reports, metrics, figures) goes through
-``atomic_open``: a temporary file (``.tmp-*``) in the same directory, flushed and fsynced, then
-renamed over the target with ``os.replace`` (atomic on POSIX). A crash leaves the old file or
-the new one, and at worst a ``.tmp-*`` file, which ``clean_stale_temporaries`` removes.
+``atomic_open``: a temporary file (``.tmp-fedllava-*``, a name only this program uses) in the
+same directory, flushed and fsynced, then renamed over the target with ``os.replace`` (atomic on
+POSIX). A crash leaves the old file or the new one, and at worst a temporary, which
+``clean_stale_temporaries`` removes from the workdir and its stage directories (nothing else:
+``--workdir`` may be a folder that holds the user's own files). A full disk while writing is
+one ``DiskFullError`` naming the file.
 
 ``workdir_lock`` holds ``<workdir>/.lock`` (JSON ``{pid, host, started}``) for the run, so a
 second run in the same workdir stops with a clear message instead of interleaving writes.
@@ -17,12 +20,76 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
-from typing import IO, Callable, Iterator
+from typing import IO, Callable, Iterator, Sequence
+
+from fedllava import errors
 
 LOCK_FILE = ".lock"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-fedllava-"
+# The directories a run writes its files in, below the workdir: main.STAGES and the side-by-side
+# baseline (test_fileio checks they agree).
+STAGE_DIRS = ("annotate", "pretrain", "federate", "federate_plain", "align")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+  """Whether ``e`` or an exception it was raised from or during is "no space left on device"."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(e) or "ENOSPC" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class DiskFullError(errors.WorkdirError):
+  """No space left while writing ``path``; the message says to free space and rerun."""
+
+  def __init__(self, path: str):
+    self.path = path
+    super().__init__(disk_full_message(path))
+
+
+def disk_full_message(path: str) -> str:
+  """One line: the file or directory, the free space left there, and the fix."""
+  where = os.path.abspath(os.fspath(path))
+  probe = where
+  while probe and not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  try:
+    free = f"{shutil.disk_usage(probe or '/').free / 2**20:.1f} MiB free"
+  except OSError:
+    free = "free space unknown"
+  return (
+    f"the disk is full writing {where} ({free}); free space on that filesystem (or use a "
+    "--workdir on a larger one) and rerun the same command to resume"
+  )
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses, writing nothing, a workdir that is a file or cannot be written.
+
+  Raises:
+    errors.WorkdirError: naming the path and the fix.
+  """
+  path = os.path.abspath(os.fspath(workdir))
+  probe = path
+  while not os.path.lexists(probe):  # the nearest existing ancestor is where makedirs starts
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    what = "is a file" if probe == path else f"is below {probe}, which is a file"
+    raise errors.WorkdirError(f"--workdir {path} {what}; pass a directory (new or existing).")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    what = "is" if probe == path else f"would be created in {probe}, which is"
+    raise errors.WorkdirError(
+      f"--workdir {path} {what} not writable (permission denied); pass a --workdir you can "
+      "write, or fix its permissions."
+    )
 
 
 @contextlib.contextmanager
@@ -34,6 +101,8 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     mode: ``"w"`` (UTF-8 text) or ``"wb"``.
   Yields:
     The open temporary file.
+  Raises:
+    DiskFullError: no space left on the device; the old file is kept.
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
@@ -48,9 +117,11 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
       os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      raise DiskFullError(os.fspath(path)) from e
     raise
 
 
@@ -60,20 +131,24 @@ def atomic_write_text(path: str, text: str) -> None:
     f.write(text)
 
 
-def clean_stale_temporaries(directory: str) -> list[str]:
-  """Removes the ``.tmp-*`` files that ``atomic_open`` of a killed process left under ``directory``.
+def clean_stale_temporaries(workdir: str, subdirs: Sequence[str] = STAGE_DIRS) -> list[str]:
+  """Removes the ``.tmp-fedllava-*`` files that ``atomic_open`` of a killed process left.
 
-  Call it only while holding ``workdir_lock`` on the workdir: a live run's ``.tmp-*`` file is a
-  write in progress, and the lock is what proves no other run is writing there.
+  Looks only in ``workdir`` and its ``subdirs`` (the stage directories), not recursively: a
+  user's own folders under ``--workdir``, and files named ``.tmp-*`` by anyone else, are never
+  touched. Call it only while holding ``workdir_lock`` on the workdir: a live run's temporary
+  is a write in progress, and the lock is what proves no other run is writing there.
 
   Returns:
-    The paths removed (recursively; directories and other names are left alone).
+    The paths removed, sorted.
   """
   removed = []
-  for root, _, files in os.walk(directory):
-    for name in files:
-      if name.startswith(TMP_PREFIX):
-        path = os.path.join(root, name)
+  for d in [workdir, *(os.path.join(workdir, s) for s in subdirs)]:
+    if not os.path.isdir(d):
+      continue
+    for name in os.listdir(d):
+      path = os.path.join(d, name)
+      if name.startswith(TMP_PREFIX) and os.path.isfile(path) and not os.path.islink(path):
         try:
           os.remove(path)
         except FileNotFoundError:
@@ -82,7 +157,7 @@ def clean_stale_temporaries(directory: str) -> list[str]:
   return sorted(removed)
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another run holds the workdir (or its lock cannot be checked); the message says what to do."""
 
 
@@ -111,7 +186,7 @@ def _pid_alive(pid: int) -> bool:
 def _write_new(directory: str, info: dict) -> str:
   fd, tmp = tempfile.mkstemp(
     dir=directory, prefix=LOCK_FILE + ".new-"
-  )  # not .tmp-*: see clean_stale_temporaries
+  )  # not TMP_PREFIX: see clean_stale_temporaries
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(info, f)
     f.flush()

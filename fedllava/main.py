@@ -11,16 +11,19 @@ Overrides: ``--config.fl.rounds=5``; variants: ``--config=configs/cifar10_lt.py:
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import math
 import os
+import re
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from fedllava import align, checkpoint, federate, fileio, provenance, report, sharding
+from fedllava import align, checkpoint, errors, federate, fileio, provenance, report, sharding
 from fedllava.data import federated
 from fedllava.models import resnet
 from fedllava.pretrain import annotate
@@ -42,8 +45,8 @@ _VALIDATORS = (
   lambda c: align.validate(c),
   lambda c: sharding.validate(c),
 )
-# What a user can get wrong (a message, no traceback); anything else is a bug.
-USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, RuntimeError)
+# What a user can get wrong (a message, no traceback); anything else keeps its traceback.
+USER_ERRORS = (errors.UserError, ValueError, FloatingPointError, FileNotFoundError, RuntimeError)
 
 
 def stage_list(config) -> list[str]:
@@ -211,24 +214,101 @@ def _pipeline_report(config, workdir: str, results: dict) -> None:
   report.save_curves_comparison_png(curves, os.path.join(workdir, "accuracy_comparison.png"))
 
 
+def _one_line(message: str, status: int = 1):
+  """Ends the program with ``fedllava: <message>`` on stderr and ``status``."""
+  print(f"fedllava: {message}".rstrip(), file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """``app.run``'s flags parser: a config file that does not load, or a ``--config.<field>`` that
+  does not exist, is one message (ml_collections raises it while absl parses the flags)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # absl's own: an unknown flag, a value of the wrong type
+    if not isinstance(e.__context__, (AttributeError, KeyError, SyntaxError)):
+      _one_line(f"{e}; --helpfull lists the flags.")
+    original = cause = e.__context__
+  except (AttributeError, KeyError, SyntaxError) as e:
+    original = cause = e
+  if isinstance(cause, SyntaxError):
+    _one_line(
+      f"cannot load --config: {cause.filename}, line {cause.lineno}: {cause.msg}: "
+      f"{(cause.text or '').strip()!r}; fix the config file."
+    )
+  texts = []  # ml_collections chains KeyError(key) -> KeyError(key + hint) -> AttributeError
+  while cause is not None:
+    arg = cause.args[0] if cause.args else ""
+    texts.append(arg if isinstance(arg, str) else str(arg))
+    cause = cause.__context__
+  key = texts[-1].strip("'\"")
+  close = re.search(r'Did you mean "([^"]+)"', " ".join(texts))
+  hint = f"Did you mean {close.group(1)!r}?" if close else "Check it against the config file."
+  given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a]
+  if not given:  # not a --config.<field> of the command line: a bug, keep its traceback
+    raise original
+  _one_line(f"{given[0]}: the config has no field {key!r}. {hint}")
+
+
+def _where_stopped(tb, workdir: str) -> str:
+  """The stage that was running in ``tb`` (``run``'s frame), and its last checkpoint."""
+  stage = None
+  while tb is not None:
+    if tb.tb_frame.f_code is run.__code__:
+      stage = tb.tb_frame.f_locals.get("name")
+    tb = tb.tb_next
+  if stage is None:
+    return f"before the first stage, in {workdir}"
+  done = checkpoint.latest_saved_round(os.path.join(workdir, stage, "checkpoints"))
+  last = f"last checkpoint: step {done}" if done is not None else "no checkpoint of it yet"
+  return f"in stage {stage} ({last}; {os.path.join(workdir, stage)})"
+
+
+def _quiet_disk_full() -> None:
+  """Drops what threads log or raise about a full disk (orbax's writers each log a traceback):
+  the main thread's one line says it, with the path and the fix."""
+
+  def keep(record) -> bool:
+    return not fileio.is_disk_full(record.exc_info[1] if record.exc_info else None) and not (
+      fileio.is_disk_full(Exception(record.getMessage()))
+    )
+
+  for handler in pylogging.getLogger().handlers:
+    handler.addFilter(keep)
+  hook = threading.excepthook
+  threading.excepthook = lambda args: None if fileio.is_disk_full(args.exc_value) else hook(args)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  _quiet_disk_full()
   try:
     config = _CONFIG.value
     name = config.name  # a config that failed to load raises on first use
   except (OSError, ValueError) as e:  # a missing or broken config file, or a bad variant
-    sys.exit(f"fedllava: cannot load --config: {e}".rstrip())
+    _one_line(f"cannot load --config: {e}")
   workdir = _WORKDIR.value or config.workdir or os.path.join("workdirs", name)
   try:
+    fileio.check_workdir(workdir)
     sharding.maybe_initialize_distributed()
     run(config, workdir)
-  except USER_ERRORS as e:
+  except KeyboardInterrupt as e:
+    _one_line(
+      f"interrupted {_where_stopped(e.__traceback__, workdir)}; rerun the same command to resume.",
+      130,
+    )
+  except Exception as e:
     if _TRACEBACK.value:
       raise
-    sys.exit(f"fedllava: {type(e).__name__}: {e}\n(--traceback shows where)")
+    if fileio.is_disk_full(e):  # what was intact (a CheckpointError says) after the fix
+      said = f" ({e})" if isinstance(e, errors.UserError) and not hasattr(e, "path") else ""
+      _one_line(fileio.disk_full_message(getattr(e, "path", None) or workdir) + said)
+    if not isinstance(e, USER_ERRORS):
+      raise
+    _one_line(f"{type(e).__name__}: {e}\n(--traceback shows where)")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

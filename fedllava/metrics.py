@@ -18,7 +18,7 @@ import os
 import time
 from typing import Mapping, Optional
 
-from fedllava import fileio
+from fedllava import errors, fileio
 
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
@@ -26,22 +26,40 @@ TB_DIR = "tb"
 _RESERVED = ("step", "wall_time")
 
 
+_FIX = (
+  "restore it from a backup, or move it away and rerun (the run resumes from its checkpoint; "
+  "the rows logged before are then not in the new file)"
+)
+
+
 def _read_jsonl(path: str) -> tuple[list[dict], bool]:
-  """Reads metrics rows; returns (rows, clean), clean False if a torn last line was skipped."""
+  """Reads metrics rows; returns (rows, clean), clean False if a torn last line was skipped.
+
+  Raises:
+    errors.DamagedFileError: a line other than the last is not a metrics row (garbage, binary);
+      the message names the file, the line and the fix.
+  """
   if not os.path.exists(path):
     return [], True
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
   # A complete file ends with "\n", so its last split piece is empty; anything else there is a
   # line that a killed process did not finish.
   tail = lines.pop()
   rows = []
   for i, line in enumerate(lines):
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i + 1}: corrupt metrics line: {e}") from e
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      reason = f"{type(e).__name__}: {e}"
+    else:
+      if isinstance(row, dict) and isinstance(row.get("step"), int):
+        rows.append(row)
+        continue
+      reason = "not a JSON object with an integer 'step'"
+    raise errors.DamagedFileError(f"{path}:{i + 1} is not a metrics row ({reason}); {_FIX}.")
   return rows, not tail.strip()
 
 

@@ -103,3 +103,15 @@ def tiny_clip_dir(tmp_path_factory):
   CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")).save_pretrained(d)
   FlaxCLIPModel(tiny_clip_config(vocab_size), seed=0).save_pretrained(d)
   return str(d)
+
+
+def prepared_tfds(data_dir, *names):
+  """Makes ``data_dir`` hold what TFDS checks for a prepared copy of ``names`` (the metadata, no
+  records: read them under ``tfds.testing.mock_data``); returns ``data_dir`` as a str."""
+  import tensorflow_datasets as tfds
+
+  for name in names:
+    builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+  return str(data_dir)

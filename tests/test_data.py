@@ -505,3 +505,35 @@ def test_d_align_is_held_out_only_when_stage_3_runs():
   assert len(data.train) == _lt_size(full.labels[rest])
   np.testing.assert_array_equal(data.train.images, full.images[rest[lt(full.labels[rest])]])
   np.testing.assert_array_equal(data.align.images, full.images[held])
+
+
+@needs_tfds
+def test_cifar_missing_offline_is_one_message_at_once(tmp_path, monkeypatch):
+  import time
+
+  from fedllava import errors
+
+  empty = str(tmp_path / "empty")
+  monkeypatch.setattr(sources, "reachable", lambda host, timeout=3.0: False)  # no network
+  for download, why in ((False, "config.data.download=False"), (True, "cannot reach")):
+    start = time.monotonic()
+    with pytest.raises(errors.MissingInputError) as e:
+      sources.check_available("cifar10", empty, download)
+    assert time.monotonic() - start < 5  # no download retries
+    message = str(e.value)
+    assert f"cifar10 is not prepared in {empty} and {why}" in message
+    assert f"tfds build cifar10 --data_dir={empty}" in message
+    assert "config.data.data_dir" in message and "TFDS_DATA_DIR" in message
+  monkeypatch.setenv("TFDS_DATA_DIR", empty)
+  with pytest.raises(errors.MissingInputError, match=f"not prepared in {empty} "):
+    sources.check_available("cifar100", None, False)
+
+
+@needs_tfds
+def test_a_prepared_cifar_passes_the_check_and_loads_offline(tmp_path):
+  from conftest import prepared_tfds
+
+  data_dir = prepared_tfds(tmp_path, "cifar10")
+  sources.check_available("cifar10", data_dir, download=False)
+  with tfds.testing.mock_data(num_examples=4):
+    assert len(sources.load_dataset("cifar10", "test", data_dir=data_dir, download=False)) == 4

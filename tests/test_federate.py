@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits
+from conftest import prepared_tfds, tiny_digits
 
 from fedllava import federate, main
 from fedllava.federate import rounds
@@ -166,6 +166,10 @@ def test_every_config_loads_and_validates(monkeypatch, tmp_path):
     cfg = mod.get_config()
     if name == "imagenet_lt":
       cfg.data.manual_dir = str(manual)
+    if name.startswith("cifar"):  # offline: a prepared copy (sources.check_available)
+      cfg.data.data_dir = prepared_tfds(tmp_path / "tfds", cfg.data.name)
+    if cfg.align.teacher:  # offline: a local directory stands for the cached hub copy
+      cfg.align.teacher = str(manual)
     main.validate(cfg)
   c = importlib.import_module("cifar10_lt").get_config("if=50,algo=fedprox")
   assert c.data.imbalance_factor == 50 and c.fl.algorithm == "fedprox"
@@ -174,7 +178,7 @@ def test_every_config_loads_and_validates(monkeypatch, tmp_path):
     importlib.import_module("cifar10_lt").get_config("imb=50")
 
 
-def test_cifar10_lt_config_builds_clients_through_tfds_mock():
+def test_cifar10_lt_config_builds_clients_through_tfds_mock(tmp_path):
   """The real CIFAR path (TFDS data_source) end to end up to the padded client store."""
   tfds = pytest.importorskip("tensorflow_datasets")
   import importlib  # pylint: disable=g-import-not-at-top
@@ -184,6 +188,8 @@ def test_cifar10_lt_config_builds_clients_through_tfds_mock():
   cfg = importlib.import_module("cifar10_lt").get_config("if=10")
   cfg.fl.num_clients = 2
   cfg.fl.clients_per_round = 1
+  cfg.data.data_dir = prepared_tfds(tmp_path, "cifar10")
+  cfg.align.teacher = str(tmp_path)  # offline: a local directory stands for the hub copy
   main.validate(cfg)
   with tfds.testing.mock_data(num_examples=300):
     data = federated.build(cfg)
@@ -301,11 +307,11 @@ def test_torn_metrics_line_and_stale_temporaries_are_repaired_on_resume(tmp_path
   jsonl = tmp_path / "federate" / "metrics.jsonl"
   text = jsonl.read_text()
   jsonl.write_text(text[: text.rindex("{") + 10])  # round 2's line torn mid-write
-  (tmp_path / "federate" / ".tmp-stale").write_text("")
+  (tmp_path / "federate" / ".tmp-fedllava-stale").write_text("")
   main.run(_tiny(3, stages="federate"), str(tmp_path))
   steps = [json.loads(s)["step"] for s in jsonl.read_text().splitlines()]
   assert steps == [1, 2, 3]
-  assert not (tmp_path / "federate" / ".tmp-stale").exists()
+  assert not (tmp_path / "federate" / ".tmp-fedllava-stale").exists()
   log = json.loads((tmp_path / "resume_log.json").read_text())
   assert "fl.rounds" in log["resumed"][-1]["changed"]
 

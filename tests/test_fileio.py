@@ -42,10 +42,10 @@ def _python(code: str, **kwargs) -> subprocess.Popen:
 
 
 def test_clean_stale_temporaries_removes_what_a_killed_write_left(tmp_path):
-  (tmp_path / "sub").mkdir()
+  (tmp_path / "federate").mkdir()
   fileio.atomic_write_text(str(tmp_path / "report.json"), "kept")
   # A process killed inside atomic_open leaves its temporary file behind.
-  for target in ("report.json", "sub/metrics.csv"):
+  for target in ("report.json", "federate/metrics.csv"):
     code = (
       "import os; from fedllava import fileio\n"
       f"with fileio.atomic_open({str(tmp_path / target)!r}) as f:\n"
@@ -53,7 +53,7 @@ def test_clean_stale_temporaries_removes_what_a_killed_write_left(tmp_path):
     )
     assert _python(code).wait(timeout=60) == 9
   (tmp_path / "notes.tmp-1").write_text("not ours")
-  left = sorted(p.name for p in tmp_path.rglob(".tmp-*"))
+  left = sorted(p.name for p in tmp_path.rglob(".tmp-fedllava-*"))
   assert len(left) == 2
   removed = fileio.clean_stale_temporaries(str(tmp_path))
   assert sorted(os.path.basename(p) for p in removed) == left
@@ -61,6 +61,30 @@ def test_clean_stale_temporaries_removes_what_a_killed_write_left(tmp_path):
   assert (tmp_path / "report.json").read_text() == "kept"
   assert (tmp_path / "notes.tmp-1").exists()
   assert fileio.clean_stale_temporaries(str(tmp_path)) == []
+
+
+def test_clean_stale_temporaries_leaves_the_users_files_alone(tmp_path):
+  """--workdir may be a folder that holds the user's files: only our temporaries, only where we
+  write (the workdir and its stage directories), are removed."""
+  mine = tmp_path / ".tmp-mine"
+  mine.write_text("the user's")
+  deep = tmp_path / "my_data" / "nested"
+  deep.mkdir(parents=True)
+  (deep / ".tmp-fedllava-x").write_text("looks like ours, but in the user's folder")
+  (tmp_path / "align").mkdir()
+  stale = [tmp_path / ".tmp-fedllava-abc", tmp_path / "align" / ".tmp-fedllava-def"]
+  for p in stale:
+    p.write_text("")
+  removed = fileio.clean_stale_temporaries(str(tmp_path))
+  assert removed == sorted(str(p) for p in stale)
+  assert mine.read_text() == "the user's"
+  assert (deep / ".tmp-fedllava-x").exists()
+
+
+def test_stage_dirs_are_the_stage_registry():
+  from fedllava import main
+
+  assert set(fileio.STAGE_DIRS) == set(main.STAGES) | {"federate_plain"}
 
 
 # --- workdir lock ------------------------------------------------------------------------------
@@ -170,3 +194,46 @@ def test_lock_released_on_exception(tmp_path):
       assert (tmp_path / ".lock").exists()
       raise KeyError("the run failed")
   assert not (tmp_path / ".lock").exists()
+
+
+# --- the workdir itself ------------------------------------------------------------------------
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_refused_by_name(tmp_path, monkeypatch):
+  from fedllava import errors
+
+  afile = tmp_path / "results.txt"
+  afile.write_text("the user's")
+  with pytest.raises(errors.WorkdirError, match=f"--workdir {afile} is a file; pass a directory"):
+    fileio.check_workdir(str(afile))
+  below = afile / "run"
+  with pytest.raises(
+    errors.WorkdirError, match=f"--workdir {below} is below {afile}, which is a file"
+  ):
+    fileio.check_workdir(str(below))
+  fileio.check_workdir(str(tmp_path / "new" / "run"))  # creatable: fine, and nothing written
+  assert sorted(os.listdir(tmp_path)) == ["results.txt"]
+  # Read-only (root passes a chmod, so the check is what os.access says of a read-only mount).
+  real = os.access
+  monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(tmp_path) else real(p, m))
+  with pytest.raises(errors.WorkdirError, match=f"--workdir {tmp_path} is not writable"):
+    fileio.check_workdir(str(tmp_path))
+  with pytest.raises(errors.WorkdirError, match=f"would be created in {tmp_path}, which is not"):
+    fileio.check_workdir(str(tmp_path / "new"))
+
+
+def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path, monkeypatch):
+  import errno
+
+  path = tmp_path / "report.json"
+  fileio.atomic_write_text(str(path), "old")
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(fileio.DiskFullError) as e:
+    fileio.atomic_write_text(str(path), "new")
+  assert e.value.path == str(path) and fileio.is_disk_full(e.value)
+  assert str(e.value).startswith(f"the disk is full writing {path} (")
+  assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.json"]

@@ -2,6 +2,7 @@
 
 import csv
 import glob
+import json
 import math
 import os
 
@@ -122,3 +123,16 @@ def test_inactive_writer_checks_but_writes_nothing(tmp_path):
     with pytest.raises(FloatingPointError):
       w.write(1, {"a": math.nan})
   assert not os.path.exists(wd)
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x81\xfe\xff binary\n", b"not json\n", b"[1, 2]\n"])
+def test_a_damaged_metrics_file_names_the_file_the_line_and_the_fix(tmp_path, garbage):
+  from fedllava import errors
+
+  good = json.dumps({"step": 1, "wall_time": 0.0, "a": 1.0}) + "\n"
+  (tmp_path / metrics.JSONL).write_bytes(good.encode() + garbage + good.encode())
+  with pytest.raises(errors.DamagedFileError) as e:
+    metrics.MetricWriter(str(tmp_path), resume_step=1, tensorboard=False)
+  message = str(e.value)
+  assert message.startswith(f"{tmp_path / metrics.JSONL}:2 is not a metrics row (")
+  assert "move it away and rerun" in message

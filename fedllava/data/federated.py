@@ -65,6 +65,7 @@ def _load(config, split: str) -> sources.Dataset:
     image_size=d.image_size,
     num_examples=d.synthetic_examples,
     seed=config.seed,
+    download=d.download,
   )
 
 
@@ -113,6 +114,7 @@ def validate(config) -> None:
       )
     if not d.image_size:
       raise ValueError("ImageNet-LT images vary in size: set config.data.image_size (e.g. 224).")
+  sources.check_available(d.name, d.data_dir, d.download)  # offline: one message, at once
 
 
 def needs_server_holdout(config) -> bool:

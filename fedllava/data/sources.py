@@ -27,6 +27,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from fedllava import errors
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
@@ -187,8 +189,69 @@ def _check_imagenet_manual(manual_dir: str | None) -> str:
   return manual_dir
 
 
+# Where TFDS downloads CIFAR from (its checksums' URLs): probed before a download is tried.
+DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+
+
+def tfds_data_dir(data_dir: str | None) -> str:
+  """The TFDS data directory searched: ``data_dir``, else ``$TFDS_DATA_DIR``, else TFDS's default."""
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+  """Whether ``host`` resolves and accepts a connection on port 443 within ``timeout`` seconds
+  (the DNS look-up runs in a thread, since ``getaddrinfo`` has no timeout of its own)."""
+  import socket  # noqa: PLC0415
+  import threading  # noqa: PLC0415
+
+  found = []
+
+  def probe():
+    try:
+      with socket.create_connection((host, 443), timeout=timeout):
+        found.append(True)
+    except OSError:
+      pass
+
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout + 1)
+  return bool(found)
+
+
+def check_available(name: str, data_dir: str | None, download: bool) -> None:
+  """Stops at once, before anything is written or downloaded, when a TFDS data set can be had
+  neither from ``data_dir`` (see ``tfds_data_dir``) nor, with ``download``, from the network.
+
+  Raises:
+    errors.MissingInputError: naming the directory searched, the command that prepares it on
+      a machine with network, and the field and variable that point the run at it.
+  """
+  if name not in DOWNLOAD_HOSTS:  # digits, synthetic: shipped; imagenet_lt: the manual check
+    return
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  where = tfds_data_dir(data_dir)
+  if tfds.builder(name, data_dir=where, file_format="array_record").is_prepared():
+    return
+  host = DOWNLOAD_HOSTS[name]
+  if download and reachable(host):
+    return
+  why = f"cannot reach {host} to download it" if download else "config.data.download=False"
+  raise errors.MissingInputError(
+    f"{name} is not prepared in {where} and {why}. On a machine with network run "
+    f"`tfds build {name} --data_dir={where}` (or `--file_format=array_record`) and copy that "
+    "folder here; then point config.data.data_dir (or the TFDS_DATA_DIR variable) at it."
+  )
+
+
 def _load_tfds(
-  name: str, split: str, data_dir: str | None, manual_dir: str | None, image_size: int | None
+  name: str,
+  split: str,
+  data_dir: str | None,
+  manual_dir: str | None,
+  image_size: int | None,
+  download: bool = True,
 ) -> Dataset:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -201,7 +264,7 @@ def _load_tfds(
   # Random access needs ArrayRecord files; TFDS only picks that format itself when data_dir is
   # None, so ask for it explicitly (a copy prepared as TFRecord cannot be read this way).
   builder_kwargs = {"file_format": "array_record"}
-  kwargs = {}
+  kwargs = {"download": download}
   if name == "imagenet_lt":
     if image_size is None:
       raise ValueError("imagenet_lt images vary in size: pass image_size (e.g. 32, 64 or 224)")
@@ -239,6 +302,7 @@ def load_dataset(
   image_shape: Sequence[int] = (32, 32, 3),
   num_classes: int = 10,
   seed: int = 0,
+  download: bool = True,
 ) -> Dataset:
   """Loads a whole split into memory.
 
@@ -251,17 +315,20 @@ def load_dataset(
     image_size: resize + centre-crop side; required for ``imagenet_lt``, optional for the rest
       of TFDS, ignored for ``digits`` and ``synthetic``.
     num_examples, image_shape, num_classes, seed: ``synthetic`` only (the split also seeds).
+    download: CIFAR only: whether a copy missing from ``data_dir`` may be downloaded (see
+      ``check_available``).
 
   Returns:
     A :class:`Dataset`.
 
   Raises:
-    ValueError: unknown name or split. FileNotFoundError: ImageNet-LT manual files missing.
+    ValueError: unknown name or split. FileNotFoundError: ImageNet-LT manual files missing;
+    ``errors.MissingInputError``: CIFAR neither prepared nor downloadable.
   """
   if name == "digits":
     return _load_digits(split)
   if name == "synthetic":
     return _load_synthetic(split, num_examples, image_shape, num_classes, seed)
   if name in ("cifar10", "cifar100", "imagenet_lt"):
-    return _load_tfds(name, split, data_dir, manual_dir, image_size)
+    return _load_tfds(name, split, data_dir, manual_dir, image_size, download)
   raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}")

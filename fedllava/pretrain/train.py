@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from fedllava import checkpoint, metrics, report
 from fedllava.data import conversation, sources
-from fedllava.models import resnet
+from fedllava.models import hub, resnet
 from fedllava.pretrain import dwp, prompts
 from fedllava.sharding import MODEL
 from fedllava.stage import StageResult
@@ -143,6 +143,8 @@ def validate(config) -> None:
       f"config.pretrain.teacher={p.teacher!r} is not a directory; point it to a llava-hf "
       "checkpoint (config.json + model.safetensors or its shards)."
     )
+  if not p.demo and p.teacher != "random-tiny":
+    hub.check_hub_teacher(p.teacher, "config.pretrain.teacher")
   if p.tokenizer and _looks_like_path(p.tokenizer) and not os.path.isdir(p.tokenizer):
     raise ValueError(f"config.pretrain.tokenizer={p.tokenizer!r} is not a directory.")
   if p.demo and p.teacher != "random-tiny":
