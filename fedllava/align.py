@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedllava import checkpoint, evaluate, fileio, predict, report, sharding
+from fedllava import checkpoint, errors, evaluate, fileio, predict, report, sharding
 from fedllava.data import augment, classnames, federated
 from fedllava.models import hub, resnet
 from fedllava.stage import StageResult
@@ -66,34 +66,40 @@ def validate(config) -> None:
   """Checks ``config.align`` before anything runs; raises ``ValueError`` naming the field."""
   a = config.align
   if a.per_class < 0:
-    raise ValueError(f"config.align.per_class={a.per_class} must be >= 0 (0: hold nothing out).")
+    raise errors.ConfigError(
+      f"config.align.per_class={a.per_class} must be >= 0 (0: hold nothing out)."
+    )
   for field, choices in (("when", WHEN), ("params", PARAMS), ("optimizer", OPTIMIZERS)):
     if a[field] not in choices:
-      raise ValueError(f"config.align.{field}={a[field]!r}; choose one of {choices}.")
+      raise errors.ConfigError(f"config.align.{field}={a[field]!r}; choose one of {choices}.")
   if a.bn not in BN_MODES:
-    raise ValueError(f"config.align.bn={a.bn!r}; choose one of {BN_MODES}.")
+    raise errors.ConfigError(f"config.align.bn={a.bn!r}; choose one of {BN_MODES}.")
   if not (a.learning_rate > 0 and math.isfinite(a.learning_rate)):
-    raise ValueError(f"config.align.learning_rate={a.learning_rate} must be a finite number > 0.")
+    raise errors.ConfigError(
+      f"config.align.learning_rate={a.learning_rate} must be a finite number > 0."
+    )
   if not 0 <= a.momentum < 1:
-    raise ValueError(f"config.align.momentum={a.momentum} must be in [0, 1).")
+    raise errors.ConfigError(f"config.align.momentum={a.momentum} must be in [0, 1).")
   for field in ("epochs", "batch_size"):
     if a[field] < 1:
-      raise ValueError(f"config.align.{field}={a[field]} must be >= 1.")
+      raise errors.ConfigError(f"config.align.{field}={a[field]} must be >= 1.")
   if not (a.beta >= 0 and math.isfinite(a.beta)):
-    raise ValueError(f"config.align.beta={a.beta} must be a finite number >= 0 (Eq. 6).")
+    raise errors.ConfigError(f"config.align.beta={a.beta} must be a finite number >= 0 (Eq. 6).")
   if not (a.temperature > 0 and math.isfinite(a.temperature)):
-    raise ValueError(f"config.align.temperature={a.temperature} must be a finite number > 0.")
+    raise errors.ConfigError(
+      f"config.align.temperature={a.temperature} must be a finite number > 0."
+    )
   stages = [s for s in config.stages.split(",") if s]
   if "align" not in stages:
     return
   if a.beta > 0 and not a.teacher:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.align.beta={a.beta} needs a CLIP teacher for q, and config.align.teacher is "
       "empty: set --config.align.teacher=<CLIP hub name or local checkpoint directory>, or "
       "--config.align.beta=0 to align with cross-entropy only."
     )
   if a.beta > 0 and _looks_like_path(a.teacher) and not os.path.isdir(a.teacher):
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.align.teacher={a.teacher!r} is not a directory; point it to a CLIP checkpoint "
       "(Hugging Face layout: config.json + weights)."
     )
@@ -103,18 +109,18 @@ def validate(config) -> None:
     hub.check_hub_teacher(a.teacher, "config.align.teacher")
   if a.data_dir:
     if not os.path.isdir(a.data_dir):
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.align.data_dir={a.data_dir!r} is not a directory (expected one sub-folder "
         "of images per class name)."
       )
     check_folder(a.data_dir, folder_index(config))  # before stage 2 runs, not after it
   elif a.per_class < 1:
-    raise ValueError(
+    raise errors.ConfigError(
       "stage 'align' needs D_align: set config.align.per_class >= 1 (images held out per "
       "class) or config.align.data_dir (a folder of labelled images)."
     )
   if "federate" not in stages or stages.index("federate") > stages.index("align"):
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.stages={config.stages!r}: 'align' aligns stage 2's model, so 'federate' must "
       "come before it."
     )
@@ -137,7 +143,7 @@ def readable_names(config) -> list[str]:
   try:
     return classnames.get_classnames(config.data.name)
   except ValueError as e:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.align.beta={a.beta:g} needs readable class names for CLIP's prompts, and "
       f"config.data.name={config.data.name!r} has none ({e}); set --config.align.beta=0 to "
       "align with cross-entropy only, or use a data set with class names."
@@ -153,7 +159,7 @@ def class_names(config, num_classes: int) -> list[str]:
       raise
     return [str(c) for c in range(num_classes)]  # no prompts: the names only label the report
   if len(names) != num_classes:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.data.name={config.data.name!r} has {num_classes} classes but "
       f"{len(names)} readable class names; fedllava/data/classnames.py does not match it."
     )
@@ -325,7 +331,7 @@ def _folder_images(root: str, index: dict) -> list:
       continue
     if index.get(entry) is None:
       what = "names two classes" if entry in index else "is not a class name of this data set"
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.align.data_dir: folder {entry!r} {what}; rename it to one of "
         f"{known[:10]}{' ...' if len(known) > 10 else ''}."
       )
@@ -334,10 +340,14 @@ def _folder_images(root: str, index: dict) -> list:
         continue
       path = os.path.realpath(os.path.join(folder, name))
       if os.path.commonpath([path, real_root]) != real_root:
-        raise ValueError(f"config.align.data_dir: {entry}/{name} points outside {root}; refused.")
+        raise errors.ConfigError(
+          f"config.align.data_dir: {entry}/{name} points outside {root}; refused."
+        )
       out.append((f"{entry}/{name}", path, index[entry]))
   if not out:
-    raise ValueError(f"config.align.data_dir={root!r} holds no images in class sub-folders.")
+    raise errors.ConfigError(
+      f"config.align.data_dir={root!r} holds no images in class sub-folders."
+    )
   return out
 
 
@@ -354,7 +364,7 @@ def _read_image(rel: str, path: str, image_shape=None) -> Optional[np.ndarray]:
       im = im.resize((image_shape[1], image_shape[0]), Image.BILINEAR)
       return np.asarray(im, np.uint8)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.align.data_dir: cannot read {rel}: {e}; fix or remove the file."
     ) from None
 
@@ -394,7 +404,9 @@ def align_set(config, server: federated.ServerData) -> AlignSet:
     shape = server.test.images.shape[1:3]
     return load_folder(config.align.data_dir, None, shape, index=folder_index(config))
   if server.align is None:
-    raise ValueError("no D_align: set config.align.per_class >= 1 or config.align.data_dir.")
+    raise errors.ConfigError(
+      "no D_align: set config.align.per_class >= 1 or config.align.data_dir."
+    )
   return AlignSet(
     server.align.images,
     server.align.labels,
@@ -466,7 +478,7 @@ def zero_shot_q(config, dset: AlignSet, names, cache_dir: str, load_teacher=None
   try:
     teacher = load_teacher(config.align.teacher)
   except (OSError, ValueError) as e:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.align.teacher={config.align.teacher!r} could not be loaded ({e}); point it to a "
       "local CLIP checkpoint directory, or set config.align.beta=0 to align without q."
     ) from None
@@ -593,7 +605,7 @@ def run(
     ``before`` (for ``when="end"``) and the alignment's losses.
   """
   if init is None or init.variables is None:
-    raise ValueError(
+    raise errors.ConfigError(
       "stage 'align' needs stage 2's model: put 'federate' before 'align' in config.stages."
     )
   if config.align.when == "every_round":  # it ran inside stage 2 (the hook); nothing to redo
@@ -621,7 +633,7 @@ def run(
     variables, losses = _apply(ctx, init.variables, config.fl.rounds)
     variables = jax.device_get(variables)
     if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables)):
-      raise FloatingPointError(
+      raise errors.DivergedError(
         "alignment produced a non-finite model; nothing was saved. Lower "
         "config.align.learning_rate and rerun."
       )

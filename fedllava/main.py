@@ -46,7 +46,7 @@ _VALIDATORS = (
   lambda c: sharding.validate(c),
 )
 # What a user can get wrong (a message, no traceback); anything else keeps its traceback.
-USER_ERRORS = (errors.UserError, ValueError, FloatingPointError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (errors.UserError,)
 
 
 def stage_list(config) -> list[str]:
@@ -57,18 +57,18 @@ def validate(config) -> None:
   """Runs every section's validator; raises ``ValueError`` naming the first bad field."""
   for path, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items():
     if isinstance(value, float) and not math.isfinite(value):
-      raise ValueError(f"config.{path}={value} is not a finite number; set a real value.")
+      raise errors.ConfigError(f"config.{path}={value} is not a finite number; set a real value.")
   if config.seed < 0:
-    raise ValueError(f"config.seed={config.seed} must be >= 0.")
+    raise errors.ConfigError(f"config.seed={config.seed} must be >= 0.")
   stages = stage_list(config)
   unknown = [s for s in stages if s not in STAGES]
   if unknown or not stages:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.stages={config.stages!r} names {unknown or 'no stage'}; the stages are "
       f"{list(STAGES)}, comma-separated, in order (e.g. 'federate,align')."
     )
   if len(set(stages)) != len(stages):
-    raise ValueError(f"config.stages={config.stages!r} names a stage twice.")
+    raise errors.ConfigError(f"config.stages={config.stages!r} names a stage twice.")
   for check in _VALIDATORS:
     check(config)
 

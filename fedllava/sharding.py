@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedllava import errors
+
 CLIENTS = "clients"
 
 
@@ -96,9 +98,9 @@ def validate(config) -> None:
   """Checks ``config.mesh``; raises ``ValueError`` naming the field and the fix."""
   n = config.mesh.num_devices
   if n < 0:
-    raise ValueError(f"config.mesh.num_devices={n} must be >= 0 (0: all visible devices).")
+    raise errors.ConfigError(f"config.mesh.num_devices={n} must be >= 0 (0: all visible devices).")
   if n > jax.device_count():
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.mesh.num_devices={n} but only {jax.device_count()} devices are visible; "
       "lower it or leave it 0 to use all."
     )

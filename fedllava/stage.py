@@ -13,6 +13,8 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from flax import traverse_util
 
+from fedllava import errors
+
 
 @dataclasses.dataclass
 class StageResult:
@@ -55,7 +57,7 @@ def start_from(fresh: dict, init: dict) -> dict:
     if tuple(init_flat[k].shape) != tuple(fresh_flat[k].shape)
   ]
   if problems:
-    raise ValueError(
+    raise errors.ConfigError(
       "the pretrained model does not fit config.model (differences: "
       f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}); pretrain and "
       "federate must use the same config.model (name, width, mlp_dim)."

@@ -72,3 +72,13 @@ def test_ctrl_c_says_where_it_stopped_and_that_rerunning_resumes(tmp_path):
     f"fedllava: interrupted in stage federate (no checkpoint of it yet; {wd / 'federate'}); "
     "rerun the same command to resume."
   )
+
+
+def test_an_xla_runtime_error_keeps_its_traceback(tmp_path):
+  args = ("--config=configs/digits_lt.py:tiny", "--config.stages=federate", f"--workdir={tmp_path}")
+  out = _cli(*args, driver="oom")
+  assert out.returncode == 1
+  assert "Traceback (most recent call last)" in out.stderr
+  assert out.stderr.strip().endswith(
+    "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB"
+  )

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import ml_collections
 import pytest
 
@@ -49,6 +50,21 @@ def _raise(e):
     raise e
 
   return raiser
+
+
+@pytest.mark.parametrize(
+  "exc",
+  [
+    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB"),
+    RuntimeError("a bug"),
+    ValueError("a library's ValueError"),
+    FileNotFoundError("an internal file"),
+  ],
+)
+def test_program_errors_keep_their_traceback(call_main, exc):
+  with pytest.raises(type(exc)) as e:  # propagates: Python prints the traceback, status 1
+    call_main(_raise(exc))
+  assert e.value is exc
 
 
 def test_a_config_error_is_one_line(call_main, capsys):

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from fedllava import errors
 from fedllava.data import longtail, partition, sources
 
 
@@ -81,39 +82,41 @@ def validate(config) -> None:
   """
   d = config.data
   if d.name not in DATASETS:
-    raise ValueError(f"config.data.name={d.name!r} is unknown; choose one of {DATASETS}.")
+    raise errors.ConfigError(f"config.data.name={d.name!r} is unknown; choose one of {DATASETS}.")
   if not (d.imbalance_factor >= 1 and math.isfinite(d.imbalance_factor)):
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.data.imbalance_factor={d.imbalance_factor} must be a number >= 1 "
       "(IF = n_max / n_min; CReFF's --imb_factor 0.01 is IF=100)."
     )
   if d.partition not in PARTITIONS:
-    raise ValueError(f"config.data.partition={d.partition!r}; choose one of {PARTITIONS}.")
+    raise errors.ConfigError(f"config.data.partition={d.partition!r}; choose one of {PARTITIONS}.")
   if not (d.dirichlet_alpha > 0 and math.isfinite(d.dirichlet_alpha)):
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.data.dirichlet_alpha={d.dirichlet_alpha} must be > 0 "
       "(the paper: 0.5 CIFAR, 0.1 ImageNet-LT)."
     )
   if d.placement not in ("device", "host"):
-    raise ValueError(f"config.data.placement={d.placement!r} must be 'device' or 'host'.")
+    raise errors.ConfigError(f"config.data.placement={d.placement!r} must be 'device' or 'host'.")
   if d.crop_padding < 0:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.data.crop_padding={d.crop_padding} must be >= 0 (0 turns cropping off)."
     )
   if d.longtail_seed is not None and d.longtail_seed < 0:
-    raise ValueError(f"config.data.longtail_seed={d.longtail_seed} must be >= 0 (or None).")
+    raise errors.ConfigError(f"config.data.longtail_seed={d.longtail_seed} must be >= 0 (or None).")
   if d.name == "synthetic" and d.synthetic_examples < 1:
-    raise ValueError("config.data.synthetic_examples must be >= 1.")
+    raise errors.ConfigError("config.data.synthetic_examples must be >= 1.")
   if d.name == "imagenet_lt":
     manual = d.manual_dir or os.path.expanduser("~/tensorflow_datasets/downloads/manual")
     if not os.path.isdir(manual):
-      raise ValueError(
+      raise errors.ConfigError(
         f"ImageNet-LT needs the ImageNet-2012 tars in a manual directory, and "
         f"{manual!r} does not exist: download ILSVRC2012_img_train.tar and "
         "ILSVRC2012_img_val.tar there, or set --config.data.manual_dir."
       )
     if not d.image_size:
-      raise ValueError("ImageNet-LT images vary in size: set config.data.image_size (e.g. 224).")
+      raise errors.ConfigError(
+        "ImageNet-LT images vary in size: set config.data.image_size (e.g. 224)."
+      )
   sources.check_available(d.name, d.data_dir, d.download)  # offline: one message, at once
 
 
@@ -141,7 +144,7 @@ def _pools(config, full: sources.Dataset):
         full.labels, c, per_class, np.random.RandomState(lt_seed + 1)
       )
     except ValueError as e:
-      raise ValueError(f"config.align.per_class={per_class}: {e}") from None
+      raise errors.ConfigError(f"config.align.per_class={per_class}: {e}") from None
   kept = pool[
     longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
   ]
@@ -196,7 +199,7 @@ def build(config) -> FederatedData:
   sizes = np.asarray([len(p) for p in parts])
   empty = np.nonzero(sizes == 0)[0]
   if len(empty):
-    raise ValueError(
+    raise errors.ConfigError(
       f"clients {empty.tolist()} hold no data; use fewer clients "
       "(config.fl.num_clients) or a larger config.data.dirichlet_alpha."
     )

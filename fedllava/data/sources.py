@@ -179,7 +179,7 @@ def _check_imagenet_manual(manual_dir: str | None) -> str:
   manual_dir = os.path.expanduser(manual_dir or "~/tensorflow_datasets/downloads/manual")
   missing = [f for f in IMAGENET_LT_MANUAL_FILES if not os.path.isfile(os.path.join(manual_dir, f))]
   if missing:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
       f"imagenet_lt is not prepared and needs a manual download: put {' and '.join(missing)} "
       f"(ImageNet-2012 train/val archives, from https://image-net.org/download-images after "
       f"registering) into {manual_dir} (or pass manual_dir=...). TFDS expects exactly: "

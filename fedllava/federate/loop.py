@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from fedllava import algorithms, checkpoint, evaluate, metrics, predict, report, sharding
+from fedllava import algorithms, checkpoint, errors, evaluate, metrics, predict, report, sharding
 from fedllava.data import federated, partition
 from fedllava.federate import client, rounds
 from fedllava.models import resnet
@@ -42,44 +42,46 @@ def validate(config) -> None:
   fl = config.fl
   algorithms.create(fl)  # unknown algorithm -> clear error
   if fl.num_clients < 1:
-    raise ValueError(f"config.fl.num_clients={fl.num_clients} must be >= 1.")
+    raise errors.ConfigError(f"config.fl.num_clients={fl.num_clients} must be >= 1.")
   if not 1 <= fl.clients_per_round <= fl.num_clients:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.fl.clients_per_round={fl.clients_per_round} must be between 1 "
       f"and config.fl.num_clients={fl.num_clients}."
     )
   for field in ("rounds", "local_epochs", "batch_size", "group_size"):
     if fl[field] < 1:
-      raise ValueError(f"config.fl.{field}={fl[field]} must be >= 1.")
+      raise errors.ConfigError(f"config.fl.{field}={fl[field]} must be >= 1.")
   for field in ("learning_rate", "server_lr"):
     if not (fl[field] > 0 and math.isfinite(fl[field])):
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.fl.{field}={fl[field]} must be a finite number > 0 (CReFF: learning_rate "
         "0.1, server_lr 1.0)."
       )
   if not (fl.prox_mu >= 0 and math.isfinite(fl.prox_mu)):
-    raise ValueError(f"config.fl.prox_mu={fl.prox_mu} must be a finite number >= 0.")
+    raise errors.ConfigError(f"config.fl.prox_mu={fl.prox_mu} must be a finite number >= 0.")
   if not (0 <= fl.server_momentum < 1):
-    raise ValueError(f"config.fl.server_momentum={fl.server_momentum} must be in [0, 1).")
+    raise errors.ConfigError(f"config.fl.server_momentum={fl.server_momentum} must be in [0, 1).")
   if fl.client_parallelism not in rounds.STRATEGIES:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.fl.client_parallelism={fl.client_parallelism!r}; choose one of {rounds.STRATEGIES}."
     )
   if fl.client_parallelism == "group":
     devices = config.mesh.num_devices or jax.device_count()
     per_device = -(-fl.clients_per_round // devices)
     if per_device % fl.group_size:
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.fl.group_size={fl.group_size} must divide the clients per device "
         f"({fl.clients_per_round} clients per round over {devices} devices = {per_device}); "
         f"pick a divisor of {per_device}."
       )
   if config.eval.every < 1:
-    raise ValueError(f"config.eval.every={config.eval.every} must be >= 1 (rounds between tests).")
+    raise errors.ConfigError(
+      f"config.eval.every={config.eval.every} must be >= 1 (rounds between tests)."
+    )
   if config.eval.batch_size < 1:
-    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be >= 1.")
+    raise errors.ConfigError(f"config.eval.batch_size={config.eval.batch_size} must be >= 1.")
   if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
-    raise ValueError("config.checkpoint.every and config.checkpoint.keep must be >= 1.")
+    raise errors.ConfigError("config.checkpoint.every and config.checkpoint.keep must be >= 1.")
 
 
 def _named_keys(seed: int) -> dict:
@@ -148,7 +150,7 @@ def run(
   if (ckpt.latest_round() or 0) > fl.rounds:
     done = ckpt.latest_round()
     ckpt.close()
-    raise ValueError(
+    raise errors.ConfigError(
       f"{workdir} holds a run finished at round {done}, past config.fl.rounds={fl.rounds}; "
       f"reporting its round-{done} model as round {fl.rounds}'s would be wrong. Set "
       f"--config.fl.rounds={done} (or more), or use a new --workdir."
@@ -288,7 +290,7 @@ def _diverged(round_index, variables, ckpt, writer, where="after aggregation"):
   last = ckpt.latest_round()
   ckpt.close()
   writer.close()
-  raise FloatingPointError(
+  raise errors.DivergedError(
     f"round {round_index}: the global model holds a non-finite value {where} (first: "
     f"{leaf}); this state was not saved and the last checkpoint "
     f"({'round ' + str(last) if last else 'none yet'}) is intact. Lower "

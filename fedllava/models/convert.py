@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from fedllava import errors
 from fedllava.models.llava import LlavaModel, memory_estimate
 from fedllava.models.safetensors_io import read_header, read_tensor
 from fedllava.sharding import fsdp_partition_specs
@@ -53,9 +54,11 @@ def read_config(path):
 
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"LLaVA checkpoint directory {path!r} does not exist")
+    raise errors.MissingInputError(f"LLaVA checkpoint directory {path!r} does not exist")
   if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"{path!r} has no config.json: not a Hugging Face checkpoint directory")
+    raise errors.MissingInputError(
+      f"{path!r} has no config.json: not a Hugging Face checkpoint directory"
+    )
   with open(cfg_file) as f:
     model_type = json.load(f).get("model_type")
   if model_type != "llava":
@@ -74,12 +77,12 @@ def checkpoint_files(path) -> list:
     files = sorted(set(weight_map.values()))
     missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
     if missing:
-      raise FileNotFoundError(f"{index} names shard(s) missing from {path!r}: {missing}")
+      raise errors.MissingInputError(f"{index} names shard(s) missing from {path!r}: {missing}")
     return [os.path.join(path, s) for s in files]
   single = os.path.join(path, "model.safetensors")
   if os.path.isfile(single):
     return [single]
-  raise FileNotFoundError(
+  raise errors.MissingInputError(
     f"{path!r} has neither model.safetensors nor model.safetensors.index.json "
     "(only safetensors checkpoints are read; no pickled .bin files)"
   )

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedllava import errors
+
 
 def conv_init(key, shape, dtype=jnp.float32):
   """He normal with fan-out, as CReFF's ``normal_(0, sqrt(2 / (k * k * out)))``."""
@@ -381,31 +383,33 @@ def validate(model_config) -> None:
   """Checks ``config.model`` before anything runs; raises ``ValueError`` naming the field."""
   m = model_config
   if m.name not in MODELS:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.name={m.name!r} is not a known model; "
       "use 'resnet8' (CIFAR, digits) or 'resnet50' (ImageNet-LT)."
     )
   if m.width < 1:
-    raise ValueError(f"config.model.width={m.width} must be >= 1 (CReFF's ResNet-8: 64).")
+    raise errors.ConfigError(f"config.model.width={m.width} must be >= 1 (CReFF's ResNet-8: 64).")
   if m.mlp_dim is not None and m.mlp_dim < 1:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.mlp_dim={m.mlp_dim} must be >= 1 (CLIP's width, e.g. 1024), or None."
     )
   if m.head_on_mlp and m.mlp_dim is None:
-    raise ValueError("config.model.head_on_mlp=True needs config.model.mlp_dim (the MLP's width).")
+    raise errors.ConfigError(
+      "config.model.head_on_mlp=True needs config.model.mlp_dim (the MLP's width)."
+    )
   if m.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={m.dtype!r}; choose one of {DTYPES}.")
+    raise errors.ConfigError(f"config.model.dtype={m.dtype!r}; choose one of {DTYPES}.")
   compute = m.get("compute_dtype", "float32")
   if compute not in COMPUTE_DTYPES:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.compute_dtype={compute!r}; choose one of {COMPUTE_DTYPES} "
       "('bfloat16': bf16 compute with float32 master weights)."
     )
   if compute == "float64" and m.dtype != "float64":
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.compute_dtype='float64' needs config.model.dtype='float64' (got {m.dtype!r})."
     )
   if m.conv_impl not in ("auto",) + CONV_IMPLS:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.conv_impl={m.conv_impl!r}; choose 'auto' or one of {CONV_IMPLS}."
     )

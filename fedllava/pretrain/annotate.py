@@ -38,6 +38,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
+from fedllava import errors
 from fedllava.data import conversation as conv_lib
 from fedllava.data.llava import read_conversations
 from fedllava.fileio import atomic_write_text
@@ -55,7 +56,7 @@ def list_images(image_dir: str) -> Tuple[List[Tuple[str, str]], List[str]]:
   they resolve outside the folder (symlinks). Raises if two images share an id."""
   root = os.path.realpath(image_dir)
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"image folder {image_dir!r} does not exist")
+    raise errors.MissingInputError(f"image folder {image_dir!r} does not exist")
   found, outside = [], []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
@@ -136,9 +137,11 @@ def _read_done(out_json: str, partial: str) -> Dict[Tuple[str, str], dict]:
       try:
         old = json.load(f)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{out_json} exists but is not JSON ({e}); move it away to re-annotate")
+        raise errors.ConfigError(
+          f"{out_json} exists but is not JSON ({e}); move it away to re-annotate"
+        )
     if not isinstance(old, list):
-      raise ValueError(f"{out_json} exists but is not a JSON list of LLaVA records")
+      raise errors.ConfigError(f"{out_json} exists but is not a JSON list of LLaVA records")
     done.update({(r["id"], r["kind"]): r for r in old})
   if os.path.exists(partial):
     good, torn = [], 0
@@ -392,7 +395,7 @@ def run(config, workdir: str, init=None, *, started=None):
   else:
     teacher_dir = train.resolve_teacher(p.teacher)
     if not os.path.isdir(image_dir):
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
         f"config.pretrain.unlabeled_dir={image_dir!r} is not a folder of images."
       )
   dtype = train.TEACHER_DTYPES[p.teacher_dtype]
@@ -400,7 +403,9 @@ def run(config, workdir: str, init=None, *, started=None):
     model, params = convert.load_llava(teacher_dir, dtype=dtype)
     tokenizer = convert.load_tokenizer(p.tokenizer or teacher_dir)
   except (OSError, ValueError) as e:
-    raise ValueError(f"config.pretrain.teacher={p.teacher!r} could not be loaded: {e}") from None
+    raise errors.ConfigError(
+      f"config.pretrain.teacher={p.teacher!r} could not be loaded: {e}"
+    ) from None
   if not p.demo and started is not None:
     started()
   os.makedirs(workdir, exist_ok=True)

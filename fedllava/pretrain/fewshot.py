@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedllava import fileio, predict, sharding
+from fedllava import errors, fileio, predict, sharding
 from fedllava.data import augment, sources
 
 COLUMNS = ("Dataset", "Initialization")
@@ -107,7 +107,7 @@ def train_curve(config, fns, variables, train, test, mesh, key) -> list[float]:
   for e in range(f.epochs):
     params, stats, opt, loss = epoch(params, stats, opt, images, labels, jax.random.fold_in(key, e))
     if not math.isfinite(float(loss)):
-      raise FloatingPointError(f"few-shot training diverged at epoch {e + 1}; lower "
+      raise errors.DivergedError(f"few-shot training diverged at epoch {e + 1}; lower "
                                "config.pretrain.fewshot.learning_rate.")  # fmt: skip
     v = jax.device_put({"params": params, "batch_stats": stats}, sharding.replicated(mesh))
     preds = predict.predict_all(predict_fn, v, test.images, config.eval.batch_size, mesh)

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from fedllava import checkpoint, metrics, report
+from fedllava import checkpoint, errors, metrics, report
 from fedllava.data import conversation, sources
 from fedllava.models import hub, resnet
 from fedllava.pretrain import dwp, prompts
@@ -71,26 +71,28 @@ def validate(config) -> None:
   p = config.pretrain
   for field in ("batch_size", "accum_steps", "epochs", "max_length", "checkpoint_every"):
     if p[field] < 1:
-      raise ValueError(f"config.pretrain.{field}={p[field]} must be >= 1.")
+      raise errors.ConfigError(f"config.pretrain.{field}={p[field]} must be >= 1.")
   if p.checkpoint_keep < 1 or p.max_steps < 0 or p.worker_count < 0 or p.demo_images < 1:
-    raise ValueError(
+    raise errors.ConfigError(
       "config.pretrain.checkpoint_keep and demo_images must be >= 1, max_steps and "
       "worker_count >= 0."
     )
   if p.batch_size % p.accum_steps:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.pretrain.batch_size={p.batch_size} must be divisible by "
       f"config.pretrain.accum_steps={p.accum_steps} (micro-batches of equal size)."
     )
   if not 0 <= p.ramp_epochs <= p.epochs:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.pretrain.ramp_epochs={p.ramp_epochs} must be in [0, epochs={p.epochs}] "
       "(paper: alpha ramps over 2 of 4 epochs)."
     )
   if not (p.learning_rate > 0 and math.isfinite(p.learning_rate)):
-    raise ValueError(f"config.pretrain.learning_rate={p.learning_rate} must be > 0 (paper: 2e-3).")
+    raise errors.ConfigError(
+      f"config.pretrain.learning_rate={p.learning_rate} must be > 0 (paper: 2e-3)."
+    )
   if not 0 <= p.warmup_ratio < 1 or p.weight_decay < 0 or p.peak_tflops < 0:
-    raise ValueError(
+    raise errors.ConfigError(
       "config.pretrain.warmup_ratio must be in [0, 1); weight_decay and peak_tflops >= 0."
     )
   choices = (
@@ -101,31 +103,31 @@ def validate(config) -> None:
   )
   for field, options in choices:
     if p[field] not in options:
-      raise ValueError(f"config.pretrain.{field}={p[field]!r}; choose one of {options}.")
+      raise errors.ConfigError(f"config.pretrain.{field}={p[field]!r}; choose one of {options}.")
   a = p.annotate
   try:
     prompts.check_kinds([k for k in a.kinds.split(",") if k])
   except ValueError as e:
-    raise ValueError(f"config.pretrain.annotate.kinds={a.kinds!r}: {e}") from None
+    raise errors.ConfigError(f"config.pretrain.annotate.kinds={a.kinds!r}: {e}") from None
   if min(a.batch_size, a.max_new_tokens, a.prompt_len) < 1 or a.temperature < 0:
-    raise ValueError(
+    raise errors.ConfigError(
       "config.pretrain.annotate.batch_size, max_new_tokens and prompt_len must be >= 1, "
       "temperature >= 0."
     )
   if a.template not in conversation.TEMPLATES:
-    raise ValueError(f"config.pretrain.annotate.template={a.template!r} is unknown.")
+    raise errors.ConfigError(f"config.pretrain.annotate.template={a.template!r} is unknown.")
   f = p.fewshot
   try:
     fractions = [float(x) for x in f.fractions.split(",") if x]
   except ValueError:
     fractions = []
   if not fractions or not all(0 < x <= 1 for x in fractions):
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.pretrain.fewshot.fractions={f.fractions!r} must be comma-separated numbers in "
       "(0, 1] (paper: 0.004,0.01,0.02)."
     )
   if f.epochs < 1 or f.batch_size < 1 or not f.learning_rate > 0 or not 0 <= f.momentum < 1:
-    raise ValueError(
+    raise errors.ConfigError(
       "config.pretrain.fewshot: epochs and batch_size must be >= 1, learning_rate > 0, "
       "momentum in [0, 1)."
     )
@@ -133,50 +135,54 @@ def validate(config) -> None:
   if "annotate" not in stages and "pretrain" not in stages:
     return
   if not p.teacher:
-    raise ValueError(
+    raise errors.ConfigError(
       "stage 'annotate'/'pretrain' needs the LLaVA teacher and config.pretrain.teacher is "
       "empty: set it to a llava-hf checkpoint directory (or hub name, e.g. "
       "llava-hf/llava-1.5-7b-hf), or 'random-tiny' for the offline mechanics check."
     )
   if p.teacher != "random-tiny" and _looks_like_path(p.teacher) and not os.path.isdir(p.teacher):
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.pretrain.teacher={p.teacher!r} is not a directory; point it to a llava-hf "
       "checkpoint (config.json + model.safetensors or its shards)."
     )
   if not p.demo and p.teacher != "random-tiny":
     hub.check_hub_teacher(p.teacher, "config.pretrain.teacher")
   if p.tokenizer and _looks_like_path(p.tokenizer) and not os.path.isdir(p.tokenizer):
-    raise ValueError(f"config.pretrain.tokenizer={p.tokenizer!r} is not a directory.")
+    raise errors.ConfigError(f"config.pretrain.tokenizer={p.tokenizer!r} is not a directory.")
   if p.demo and p.teacher != "random-tiny":
-    raise ValueError("config.pretrain.demo=True runs on the tiny random teacher: set "
+    raise errors.ConfigError("config.pretrain.demo=True runs on the tiny random teacher: set "
                      "config.pretrain.teacher='random-tiny'.")  # fmt: skip
   if "annotate" in stages and not p.demo and not os.path.isdir(p.unlabeled_dir or ""):
-    raise ValueError(
+    raise errors.ConfigError(
       f"stage 'annotate' needs config.pretrain.unlabeled_dir={p.unlabeled_dir!r} to be a "
       "folder of unlabeled images."
     )
   if "pretrain" not in stages:
     return
   if config.model.mlp_dim is None:
-    raise ValueError(
+    raise errors.ConfigError(
       "stage 'pretrain' blends g_fl's tokens with CLIP's (Eq. 2): set config.model.mlp_dim to "
       "the teacher's CLIP width (1024 for LLaVA-1.5's ViT-L/14-336)."
     )
   order = {s: i for i, s in enumerate(stages)}
   if "annotate" in order and order["annotate"] > order["pretrain"]:
-    raise ValueError(f"config.stages={config.stages!r}: 'annotate' must come before 'pretrain'.")
+    raise errors.ConfigError(
+      f"config.stages={config.stages!r}: 'annotate' must come before 'pretrain'."
+    )
   if "federate" in order and order["federate"] < order["pretrain"]:
-    raise ValueError(f"config.stages={config.stages!r}: 'pretrain' must come before 'federate'.")
+    raise errors.ConfigError(
+      f"config.stages={config.stages!r}: 'pretrain' must come before 'federate'."
+    )
   if "annotate" not in order:
     if p.demo:
-      raise ValueError("config.pretrain.demo needs stage 'annotate' before 'pretrain'.")
+      raise errors.ConfigError("config.pretrain.demo needs stage 'annotate' before 'pretrain'.")
     if not os.path.isfile(p.data_json or ""):
-      raise ValueError(
+      raise errors.ConfigError(
         f"stage 'pretrain' without 'annotate' reads config.pretrain.data_json="
         f"{p.data_json!r}, which is not a file (LLaVA format, e.g. blip_laion_cc_sbu_558k.json)."
       )
     if not os.path.isdir(p.image_dir or ""):
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.pretrain.image_dir={p.image_dir!r} is not a folder (the images that "
         "config.pretrain.data_json's 'image' paths are relative to)."
       )
@@ -188,7 +194,7 @@ def resolve_teacher(name: str, field: str = "config.pretrain.teacher") -> str:
   if os.path.isdir(name):
     return name
   if not name or _looks_like_path(name) or name.count("/") != 1:
-    raise ValueError(
+    raise errors.ConfigError(
       f"{field}={name!r} is not a llava-hf checkpoint directory (config.json + "
       "model.safetensors or its shards); set it to one."
     )
@@ -198,7 +204,7 @@ def resolve_teacher(name: str, field: str = "config.pretrain.teacher") -> str:
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     return snapshot_download(name, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001 - offline, unknown repo, no permission: one message
-    raise ValueError(
+    raise errors.ConfigError(
       f"{field}={name!r}: no local directory of that name and the Hugging Face copy could not "
       f"be had ({type(e).__name__}: {str(e)[:200]}); download it (huggingface-cli download "
       f"{name}) and set {field} to the directory."
@@ -284,7 +290,9 @@ def load_pretrained(config, workdir: str) -> dict:
     workdir = os.path.join(workdir, "pretrain")
   step, variables = _restore(config, workdir)
   if not step:
-    raise FileNotFoundError(f"{workdir} holds no pretraining checkpoint (checkpoints/<step>).")
+    raise errors.MissingInputError(
+      f"{workdir} holds no pretraining checkpoint (checkpoints/<step>)."
+    )
   return variables
 
 
@@ -317,7 +325,9 @@ def _load_teacher(config, workdir: str, mesh):
     llava, params = convert.load_llava(path, dtype=dtype, mesh=mesh, axis_name=MODEL, remat=p.remat)
     tokenizer = convert.load_tokenizer(p.tokenizer or path)
   except (OSError, ValueError) as e:
-    raise ValueError(f"config.pretrain.teacher={p.teacher!r} could not be loaded: {e}") from None
+    raise errors.ConfigError(
+      f"config.pretrain.teacher={p.teacher!r} could not be loaded: {e}"
+    ) from None
   return llava, dwp.shard_teacher(params, mesh, dtype), tokenizer
 
 
@@ -369,7 +379,7 @@ def run(
     started()  # the tiny teacher is written (into this stage's directory) before it is loaded
   llava, teacher_params, tokenizer = _load_teacher(config, workdir, mesh)
   if fl_model.mlp_dim != llava.feature_dim:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.mlp_dim={fl_model.mlp_dim} must equal the teacher's CLIP feature width "
       f"({llava.feature_dim}) for Eq. 2's blend."
     )
@@ -382,7 +392,7 @@ def run(
   if (ckpt.latest_round() or 0) > plan["steps"]:
     last = ckpt.latest_round()
     ckpt.close()
-    raise ValueError(
+    raise errors.ConfigError(
       f"{workdir} holds pretraining saved at step {last}, past the {plan['steps']} steps this "
       "config runs (pretrain.epochs / max_steps); use a new --workdir or the old settings."
     )
@@ -458,7 +468,7 @@ def run(
       seconds = time.perf_counter() - t0
       if not math.isfinite(loss):
         ckpt.close()
-        raise FloatingPointError(
+        raise errors.DivergedError(
           f"pretraining step {t + 1}: the loss is {loss}; nothing of this step was saved and the "
           f"last checkpoint (step {ckpt.latest_round() or 'none'}) is intact. Lower "
           "config.pretrain.learning_rate and rerun."
