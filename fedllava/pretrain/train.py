@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from fedllava import checkpoint, errors, metrics, report
+from fedllava import checkpoint, errors, metrics, report, rng
 from fedllava.data import conversation, sources
 from fedllava.models import hub, resnet
 from fedllava.pretrain import dwp, prompts
@@ -239,7 +239,7 @@ def create_fl_model(config):
 
 def _init_state(config, fl_model, tx):
   s = fl_image_size(config)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)  # 0-2: stages 2 and 3
+  key = rng.stream(config.seed, "pretrain/init")
   variables = jax.jit(fl_model.init)(key, jnp.zeros((1, s, s, 3), jnp.float32))
   return dwp.create_dwp_state(variables, tx)
 
