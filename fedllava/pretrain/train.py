@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from fedllava import checkpoint, errors, metrics, report, rng
-from fedllava.data import conversation, sources
+from fedllava.data import conversation, registry
 from fedllava.models import hub, resnet
 from fedllava.pretrain import dwp, prompts
 from fedllava.sharding import MODEL
@@ -51,7 +51,6 @@ PAPER_IMAGES, PAPER_EPOCHS = 595_000, 4  # LLaVA's CC-595K, 4 epochs (Sec. 4.1)
 TEACHER_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Dense bf16 peak FLOP/s by device kind (substring, most specific first).
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-_FL_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 8, "synthetic": 32, "imagenet_lt": 224}
 
 
 def _stages(config) -> list[str]:
@@ -212,12 +211,13 @@ def resolve_teacher(name: str, field: str = "config.pretrain.teacher") -> str:
 
 
 def fl_image_size(config) -> int:
-  """The FL backbone's input resolution: ``pretrain.fl_image_size``, else the data set's."""
+  """The FL backbone's input resolution: ``pretrain.fl_image_size``, else ``data.image_size``,
+  else the data set's (``registry.DatasetSpec.image_size``)."""
   if config.pretrain.fl_image_size:
     return int(config.pretrain.fl_image_size)
   if config.data.image_size:
     return int(config.data.image_size)
-  return _FL_IMAGE_SIZE[config.data.name]
+  return registry.get(config.data.name).image_size
 
 
 def peak_flops(config) -> Optional[float]:
@@ -402,7 +402,7 @@ def run(
   meta = meta or {"images_seen": 0}
   size = llava.config.vision_config.image_size
   s_fl = fl_image_size(config)
-  norm = sources.DATASET_STATS[config.data.name]
+  norm = registry.get(config.data.name).normalization
   loader = make_loader(
     records,
     root,
