@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedllava import checkpoint, errors, evaluate, fileio, predict, report, sharding
+from fedllava import checkpoint, errors, evaluate, fileio, predict, report, rng, sharding
 from fedllava.data import augment, classnames, federated
 from fedllava.models import hub, resnet
 from fedllava.stage import StageResult
@@ -528,7 +528,7 @@ def _prepare(config, workdir: str, load_teacher=None) -> _Context:
     flip=d.flip,
     per_batch=d.per_batch_augment,
   )
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)  # 0, 1: stage 2's init, augment
+  key = rng.stream(config.seed, "align")
   return _Context(server, dset, q, model, align_fn, key, names)
 
 

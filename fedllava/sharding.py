@@ -94,6 +94,26 @@ def fsdp_shardings(params, mesh, axis_name: str = MODEL):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def create_model_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` devices (all by default), axis ``model``.
+
+  Stage 1's frozen teacher is FSDP-sharded over it (``fsdp_shardings``) and its batches split
+  over it (``model_batch_sharding``). ``config.mesh.num_devices`` is checked by ``validate``.
+  """
+  devices = jax.devices()
+  if num_devices:
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (MODEL,))
+
+
+def model_batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+  """A batch's leading axis split over the ``model`` axis when ``batch_size`` divides evenly
+  over the mesh; otherwise the batch is replicated."""
+  if batch_size % mesh.size == 0:
+    return NamedSharding(mesh, P(MODEL))
+  return replicated(mesh)
+
+
 def validate(config) -> None:
   """Checks ``config.mesh``; raises ``ValueError`` naming the field and the fix."""
   n = config.mesh.num_devices

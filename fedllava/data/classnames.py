@@ -1275,14 +1275,6 @@ def _imagenet_classes() -> tuple[str, ...]:
 
 IMAGENET_CLASSES: tuple[str, ...] = _imagenet_classes()
 
-_CLASSES: dict[str, tuple[str, ...]] = {
-  "digits": DIGITS_CLASSES,
-  "cifar10": CIFAR10_CLASSES,
-  "cifar100": CIFAR100_CLASSES,
-  "imagenet": IMAGENET_CLASSES,
-}
-_ALIASES: dict[str, str] = {"imagenet1k": "imagenet", "imagenet2012": "imagenet"}
-
 _TEMPLATES: dict[str, tuple[str, ...]] = {
   "default": DEFAULT_TEMPLATES,
   "cifar": CIFAR_TEMPLATES,
@@ -1294,16 +1286,33 @@ def _canonical(dataset: str) -> str:
   key = dataset.strip().lower().replace("-", "").replace("_", "")
   if key.endswith("lt"):  # long-tailed variants share the label set: cifar10_lt, imagenet-lt
     key = key[:-2]
-  return _ALIASES.get(key, key)
+  return key
+
+
+def _named() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+  """{canonical name: class names} of the registered data sets that have readable names;
+  ``(canonical alias, canonical name)`` pairs resolve aliases."""
+  from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+
+  named, aliases = {}, {}
+  for spec in registry.specs():
+    if spec.class_names is not None:
+      named.setdefault(_canonical(spec.name), spec.class_names)
+      for alias in spec.aliases:
+        aliases.setdefault(_canonical(alias), _canonical(spec.name))
+  return named, aliases
 
 
 def get_classnames(dataset: str) -> list[str]:
   """Returns the readable class names of a dataset, in label-index order.
 
+  The names are the data set's registry spec's (``registry.DatasetSpec.class_names``).
+
   Args:
-    dataset: a dataset name: ``digits``, ``cifar10``, ``cifar100`` or ``imagenet`` (also
-      ``imagenet1k``/``imagenet2012``); case, ``-``/``_`` and a long-tailed ``_lt`` suffix are
-      ignored, so ``CIFAR-10``, ``cifar10_lt`` and ``imagenet_lt`` work.
+    dataset: a registered dataset name with class names: ``digits``, ``cifar10``, ``cifar100``
+      or ``imagenet`` (also ``imagenet1k``/``imagenet2012``, the spec's aliases); case,
+      ``-``/``_`` and a long-tailed ``_lt`` suffix are ignored, so ``CIFAR-10``, ``cifar10_lt``
+      and ``imagenet_lt`` work.
 
   Returns:
     A new list of class names, one per label index.
@@ -1311,13 +1320,15 @@ def get_classnames(dataset: str) -> list[str]:
   Raises:
     ValueError: the dataset is unknown.
   """
+  named, aliases = _named()
   key = _canonical(dataset)
-  if key not in _CLASSES:
+  key = aliases.get(key, key)
+  if key not in named:
     raise ValueError(
-      f"no class names for dataset {dataset!r}; known: {', '.join(sorted(_CLASSES))} "
+      f"no class names for dataset {dataset!r}; known: {', '.join(sorted(named))} "
       "(a '_lt' suffix is allowed)"
     )
-  return list(_CLASSES[key])
+  return list(named[key])
 
 
 def get_templates(name: str = "default") -> list[str]:

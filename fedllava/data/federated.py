@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import numpy as np
 
 from fedllava import errors
-from fedllava.data import longtail, partition, sources
+from fedllava.data import longtail, partition, registry, sources
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -70,7 +69,6 @@ def _load(config, split: str) -> sources.Dataset:
   )
 
 
-DATASETS = ("cifar10", "cifar100", "imagenet_lt", "digits", "synthetic")
 PARTITIONS = ("creff", "dirichlet")
 
 
@@ -81,8 +79,10 @@ def validate(config) -> None:
     ValueError: naming the field and the fix.
   """
   d = config.data
-  if d.name not in DATASETS:
-    raise errors.ConfigError(f"config.data.name={d.name!r} is unknown; choose one of {DATASETS}.")
+  if d.name not in registry.names():
+    raise errors.ConfigError(
+      f"config.data.name={d.name!r} is unknown; choose one of {registry.names()}."
+    )
   if not (d.imbalance_factor >= 1 and math.isfinite(d.imbalance_factor)):
     raise errors.ConfigError(
       f"config.data.imbalance_factor={d.imbalance_factor} must be a number >= 1 "
@@ -103,20 +103,9 @@ def validate(config) -> None:
     )
   if d.longtail_seed is not None and d.longtail_seed < 0:
     raise errors.ConfigError(f"config.data.longtail_seed={d.longtail_seed} must be >= 0 (or None).")
-  if d.name == "synthetic" and d.synthetic_examples < 1:
-    raise errors.ConfigError("config.data.synthetic_examples must be >= 1.")
-  if d.name == "imagenet_lt":
-    manual = d.manual_dir or os.path.expanduser("~/tensorflow_datasets/downloads/manual")
-    if not os.path.isdir(manual):
-      raise errors.ConfigError(
-        f"ImageNet-LT needs the ImageNet-2012 tars in a manual directory, and "
-        f"{manual!r} does not exist: download ILSVRC2012_img_train.tar and "
-        "ILSVRC2012_img_val.tar there, or set --config.data.manual_dir."
-      )
-    if not d.image_size:
-      raise errors.ConfigError(
-        "ImageNet-LT images vary in size: set config.data.image_size (e.g. 224)."
-      )
+  spec = registry.get(d.name)
+  if spec.check is not None:  # the data set's own fields (synthetic_examples, manual_dir, ...)
+    spec.check(d)
   sources.check_available(d.name, d.data_dir, d.download)  # offline: one message, at once
 
 
@@ -175,7 +164,7 @@ def build_server_data(config) -> ServerData:
     align_indices=held,
     test=_load(config, "test"),
     class_counts=np.bincount(full.labels[kept], minlength=full.num_classes),
-    norm=sources.DATASET_STATS[config.data.name],
+    norm=registry.get(config.data.name).normalization,
   )
 
 
@@ -220,5 +209,5 @@ def build(config) -> FederatedData:
     sizes=sizes,
     class_counts=np.bincount(train.labels, minlength=c),
     histogram=partition.class_histogram(train.labels, parts, c),
-    norm=sources.DATASET_STATS[d.name],
+    norm=registry.get(d.name).normalization,
   )

@@ -16,14 +16,16 @@ to 3 channels) and ``labels`` int32 [N]. Sources:
   ``test`` (359 images), the rest to ``train`` (1438); each split is in ascending order.
 * ``synthetic``: uniform random uint8 images with balanced labels from a seed (benchmarks).
 
-``DATASET_STATS`` holds the per-channel normalisation (mean, std) in [0, 1] units.
+Each data set is one spec in ``registry.py`` (loader, normalisation, sizes, class names, checks);
+``load_dataset`` dispatches through it, and ``DATASET_STATS`` is a read-only view of the specs'
+per-channel normalisations (mean, std) in [0, 1] units.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -64,23 +66,36 @@ class Normalization(NamedTuple):
   std: tuple[float, float, float]
 
 
-_CIFAR = Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # CReFF's values
-_IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR_STATS = Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # CReFF's values
+IMAGENET_STATS = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # digits: mean and std of all pixels of the train split above (grey, so equal channels); the
 # tests recompute them.
-_DIGITS = Normalization((0.3058,) * 3, (0.3764,) * 3)
+DIGITS_STATS = Normalization((0.3058,) * 3, (0.3764,) * 3)
 # synthetic: a discrete uniform on 0..255 has mean 127.5 and std sqrt((256^2 - 1) / 12).
-_SYNTHETIC = Normalization((0.5,) * 3, (float(np.sqrt((256**2 - 1) / 12) / 255),) * 3)
+SYNTHETIC_STATS = Normalization((0.5,) * 3, (float(np.sqrt((256**2 - 1) / 12) / 255),) * 3)
 
-DATASET_STATS: dict[str, Normalization] = {
-  "cifar10": _CIFAR,
-  "cifar100": _CIFAR,  # CReFF normalises CIFAR-100 with the CIFAR-10 statistics too
-  "imagenet_lt": _IMAGENET,
-  "digits": _DIGITS,
-  "synthetic": _SYNTHETIC,
-}
 
-KNOWN_DATASETS = ("cifar10", "cifar100", "imagenet_lt", "digits", "synthetic")
+class _StatsView(Mapping):
+  """``{name: Normalization}`` of every registered data set, read from the registry."""
+
+  def _specs(self):
+    from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+
+    return {s.name: s.normalization for s in registry.specs()}
+
+  def __getitem__(self, name: str) -> Normalization:
+    return self._specs()[name]
+
+  def __iter__(self):
+    return iter(self._specs())
+
+  def __len__(self) -> int:
+    return len(self._specs())
+
+
+# Derived: each data set's normalization is its registry spec's (``registry.DatasetSpec``).
+DATASET_STATS: Mapping[str, Normalization] = _StatsView()
+
 IMAGENET_LT_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -135,7 +150,9 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   return images, labels, train, test
 
 
-def _load_digits(split: str) -> Dataset:
+def load_digits(split: str, options=None) -> Dataset:
+  """``digits``' loader (``registry.DatasetSpec.loader``): the fixed stratified split."""
+  del options  # nothing to choose
   images, labels, train, test = _digits_split()
   if split not in ("train", "test"):
     raise ValueError(f"digits has splits 'train' and 'test', got {split!r}")
@@ -143,9 +160,12 @@ def _load_digits(split: str) -> Dataset:
   return Dataset(to_rgb(images[pos]), labels[pos], 10, tuple(str(c) for c in range(10)), "digits")
 
 
-def _load_synthetic(
-  split: str, num_examples: int, image_shape: Sequence[int], num_classes: int, seed: int
-) -> Dataset:
+def load_synthetic(split: str, options) -> Dataset:
+  """``synthetic``'s loader: ``options.num_examples`` uniform random images of
+  ``options.image_shape``, balanced over ``options.num_classes``, from ``options.seed`` and the
+  split."""
+  num_examples, image_shape = options.num_examples, options.image_shape
+  num_classes, seed = options.num_classes, options.seed
   split_id = {"train": 0, "test": 1, "validation": 2}.get(split)
   if split_id is None:
     raise ValueError(f"synthetic has splits train/test/validation, got {split!r}")
@@ -189,8 +209,25 @@ def _check_imagenet_manual(manual_dir: str | None) -> str:
   return manual_dir
 
 
-# Where TFDS downloads CIFAR from (its checksums' URLs): probed before a download is tried.
-DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+def check_imagenet_lt_config(d) -> None:
+  """``imagenet_lt``'s own checks of ``config.data`` (``registry.DatasetSpec.check``)."""
+  manual = d.manual_dir or os.path.expanduser("~/tensorflow_datasets/downloads/manual")
+  if not os.path.isdir(manual):
+    raise errors.ConfigError(
+      f"ImageNet-LT needs the ImageNet-2012 tars in a manual directory, and "
+      f"{manual!r} does not exist: download ILSVRC2012_img_train.tar and "
+      "ILSVRC2012_img_val.tar there, or set --config.data.manual_dir."
+    )
+  if not d.image_size:
+    raise errors.ConfigError(
+      "ImageNet-LT images vary in size: set config.data.image_size (e.g. 224)."
+    )
+
+
+def check_synthetic_config(d) -> None:
+  """``synthetic``'s own check of ``config.data``."""
+  if d.synthetic_examples < 1:
+    raise errors.ConfigError("config.data.synthetic_examples must be >= 1.")
 
 
 def tfds_data_dir(data_dir: str | None) -> str:
@@ -227,14 +264,18 @@ def check_available(name: str, data_dir: str | None, download: bool) -> None:
     errors.MissingInputError: naming the directory searched, the command that prepares it on
       a machine with network, and the field and variable that point the run at it.
   """
-  if name not in DOWNLOAD_HOSTS:  # digits, synthetic: shipped; imagenet_lt: the manual check
+  from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+
+  spec = registry.find(name)
+  # digits, synthetic: shipped; imagenet_lt: the manual check; others: their spec's download host
+  if spec is None or spec.download_host is None:
     return
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
   where = tfds_data_dir(data_dir)
   if tfds.builder(name, data_dir=where, file_format="array_record").is_prepared():
     return
-  host = DOWNLOAD_HOSTS[name]
+  host = spec.download_host
   if download and reachable(host):
     return
   why = f"cannot reach {host} to download it" if download else "config.data.download=False"
@@ -245,6 +286,30 @@ def check_available(name: str, data_dir: str | None, download: bool) -> None:
   )
 
 
+def tfds_loader(name: str, manual: bool = False):
+  """A loader (``registry.DatasetSpec.loader``) reading the TFDS data set ``name``.
+
+  Args:
+    name: the TFDS builder's name.
+    manual: the data set is prepared from ImageNet-2012 archives downloaded by hand (checked
+      in ``manual_dir`` before TFDS is asked); its images vary in size, so ``image_size`` is
+      required.
+  """
+
+  def load(split: str, options) -> Dataset:
+    return _load_tfds(
+      name,
+      split,
+      options.data_dir,
+      options.manual_dir,
+      options.image_size,
+      options.download,
+      manual,
+    )
+
+  return load
+
+
 def _load_tfds(
   name: str,
   split: str,
@@ -252,6 +317,7 @@ def _load_tfds(
   manual_dir: str | None,
   image_size: int | None,
   download: bool = True,
+  manual: bool = False,
 ) -> Dataset:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -265,7 +331,7 @@ def _load_tfds(
   # None, so ask for it explicitly (a copy prepared as TFRecord cannot be read this way).
   builder_kwargs = {"file_format": "array_record"}
   kwargs = {"download": download}
-  if name == "imagenet_lt":
+  if manual:
     if image_size is None:
       raise ValueError("imagenet_lt images vary in size: pass image_size (e.g. 32, 64 or 224)")
     if not tfds.builder(name, data_dir=data_dir, **builder_kwargs).is_prepared():
@@ -307,7 +373,7 @@ def load_dataset(
   """Loads a whole split into memory.
 
   Args:
-    name: one of ``KNOWN_DATASETS``.
+    name: a registered data set (``registry.names()``).
     split: ``train`` / ``test`` (TFDS also ``validation`` and slices such as ``train[:10%]``).
     data_dir: TFDS data directory (default TFDS's, ``~/tensorflow_datasets``).
     manual_dir: where the ImageNet tars are for ``imagenet_lt`` (default
@@ -325,10 +391,16 @@ def load_dataset(
     ValueError: unknown name or split. FileNotFoundError: ImageNet-LT manual files missing;
     ``errors.MissingInputError``: CIFAR neither prepared nor downloadable.
   """
-  if name == "digits":
-    return _load_digits(split)
-  if name == "synthetic":
-    return _load_synthetic(split, num_examples, image_shape, num_classes, seed)
-  if name in ("cifar10", "cifar100", "imagenet_lt"):
-    return _load_tfds(name, split, data_dir, manual_dir, image_size, download)
-  raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}")
+  from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+
+  options = registry.LoadOptions(
+    data_dir=data_dir,
+    manual_dir=manual_dir,
+    image_size=image_size,
+    num_examples=num_examples,
+    image_shape=image_shape,
+    num_classes=num_classes,
+    seed=seed,
+    download=download,
+  )
+  return registry.get(name).loader(split, options)

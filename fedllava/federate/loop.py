@@ -23,7 +23,17 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from fedllava import algorithms, checkpoint, errors, evaluate, metrics, predict, report, sharding
+from fedllava import (
+  algorithms,
+  checkpoint,
+  errors,
+  evaluate,
+  metrics,
+  predict,
+  report,
+  rng,
+  sharding,
+)
 from fedllava.data import federated, partition
 from fedllava.federate import client, rounds
 from fedllava.models import resnet
@@ -85,8 +95,7 @@ def validate(config) -> None:
 
 
 def _named_keys(seed: int) -> dict:
-  root = jax.random.PRNGKey(seed)
-  return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "augment"))}
+  return {name: rng.stream(seed, f"federate/{name}") for name in ("init", "augment")}
 
 
 def is_complete(workdir: str, config) -> bool:

@@ -364,8 +364,7 @@ def run(config, workdir: str, init=None, *, started=None):
     ``StageResult(None, report, outputs={"annotations": path, "image_dir": folder})`` (demo:
     also ``"pretrain_data"``).
   """
-  from fedllava.models import convert  # noqa: PLC0415 (transformers only when the stage runs)
-  from fedllava.pretrain import demo, train  # noqa: PLC0415
+  from fedllava.pretrain import demo, teacher  # noqa: PLC0415
   from fedllava.stage import StageResult  # noqa: PLC0415
 
   p, a = config.pretrain, config.pretrain.annotate
@@ -393,19 +392,12 @@ def run(config, workdir: str, init=None, *, started=None):
     teacher_dir = demo.write_teacher(os.path.join(workdir, "teacher"), config.seed)
     images = demo.write_images(image_dir, len(demo_images[0]))
   else:
-    teacher_dir = train.resolve_teacher(p.teacher)
+    teacher_dir = teacher.resolve_teacher(p.teacher)
     if not os.path.isdir(image_dir):
       raise errors.MissingInputError(
         f"config.pretrain.unlabeled_dir={image_dir!r} is not a folder of images."
       )
-  dtype = train.TEACHER_DTYPES[p.teacher_dtype]
-  try:
-    model, params = convert.load_llava(teacher_dir, dtype=dtype)
-    tokenizer = convert.load_tokenizer(p.tokenizer or teacher_dir)
-  except (OSError, ValueError) as e:
-    raise errors.ConfigError(
-      f"config.pretrain.teacher={p.teacher!r} could not be loaded: {e}"
-    ) from None
+  model, params, tokenizer = teacher.load_checkpoint(config, teacher_dir)
   if not p.demo and started is not None:
     started()
   os.makedirs(workdir, exist_ok=True)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedllava import errors, fileio, predict, sharding
+from fedllava import errors, fileio, predict, rng, sharding
 from fedllava.data import augment, sources
 
 COLUMNS = ("Dataset", "Initialization")
@@ -181,7 +181,7 @@ def run(config, pretrained: str, workdir: str | None = None) -> dict:
   )
   model = resnet.create_model(config.model, full.num_classes)
   mesh = sharding.create_client_mesh(config.mesh.num_devices or None)
-  root = jax.random.fold_in(jax.random.PRNGKey(config.seed), 4)
+  root = rng.stream(config.seed, "fewshot")
   fresh = model.init(jax.random.fold_in(root, 0), jnp.zeros((1,) + full.images.shape[1:]))
   inits = {ROWS[0]: start_from(fresh, backbone), ROWS[1]: fresh}
   curves = {row: {} for row in ROWS}

@@ -35,189 +35,29 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from fedllava import checkpoint, errors, metrics, report
-from fedllava.data import conversation, sources
-from fedllava.models import hub, resnet
-from fedllava.pretrain import dwp, prompts
-from fedllava.sharding import MODEL
+from fedllava import checkpoint, errors, metrics, report, rng, sharding
+from fedllava.data import registry
+from fedllava.models import resnet
+from fedllava.pretrain import dwp, teacher
+from fedllava.pretrain.config_check import validate  # noqa: F401 (main's validator of the stage)
 from fedllava.stage import StageResult
 
 REPORT = "report.json"
 PAPER_IMAGES, PAPER_EPOCHS = 595_000, 4  # LLaVA's CC-595K, 4 epochs (Sec. 4.1)
-TEACHER_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # Dense bf16 peak FLOP/s by device kind (substring, most specific first).
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-_FL_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": 8, "synthetic": 32, "imagenet_lt": 224}
-
-
-def _stages(config) -> list[str]:
-  return [s for s in config.stages.split(",") if s]
-
-
-def _looks_like_path(name: str) -> bool:
-  return name.startswith(("/", ".", "~")) or os.path.exists(name)
-
-
-def validate(config) -> None:
-  """Checks ``config.pretrain``; demands teacher and data only when its stages run.
-
-  Raises:
-    ValueError: naming the field and the fix.
-  """
-  p = config.pretrain
-  for field in ("batch_size", "accum_steps", "epochs", "max_length", "checkpoint_every"):
-    if p[field] < 1:
-      raise errors.ConfigError(f"config.pretrain.{field}={p[field]} must be >= 1.")
-  if p.checkpoint_keep < 1 or p.max_steps < 0 or p.worker_count < 0 or p.demo_images < 1:
-    raise errors.ConfigError(
-      "config.pretrain.checkpoint_keep and demo_images must be >= 1, max_steps and "
-      "worker_count >= 0."
-    )
-  if p.batch_size % p.accum_steps:
-    raise errors.ConfigError(
-      f"config.pretrain.batch_size={p.batch_size} must be divisible by "
-      f"config.pretrain.accum_steps={p.accum_steps} (micro-batches of equal size)."
-    )
-  if not 0 <= p.ramp_epochs <= p.epochs:
-    raise errors.ConfigError(
-      f"config.pretrain.ramp_epochs={p.ramp_epochs} must be in [0, epochs={p.epochs}] "
-      "(paper: alpha ramps over 2 of 4 epochs)."
-    )
-  if not (p.learning_rate > 0 and math.isfinite(p.learning_rate)):
-    raise errors.ConfigError(
-      f"config.pretrain.learning_rate={p.learning_rate} must be > 0 (paper: 2e-3)."
-    )
-  if not 0 <= p.warmup_ratio < 1 or p.weight_decay < 0 or p.peak_tflops < 0:
-    raise errors.ConfigError(
-      "config.pretrain.warmup_ratio must be in [0, 1); weight_decay and peak_tflops >= 0."
-    )
-  choices = (
-    ("template", tuple(conversation.TEMPLATES)),
-    ("teacher_dtype", tuple(TEACHER_DTYPES)),
-    ("bad_examples", ("skip", "fail")),
-    ("check_images", ("decode", "open", "none")),
-  )
-  for field, options in choices:
-    if p[field] not in options:
-      raise errors.ConfigError(f"config.pretrain.{field}={p[field]!r}; choose one of {options}.")
-  a = p.annotate
-  try:
-    prompts.check_kinds([k for k in a.kinds.split(",") if k])
-  except ValueError as e:
-    raise errors.ConfigError(f"config.pretrain.annotate.kinds={a.kinds!r}: {e}") from None
-  if min(a.batch_size, a.max_new_tokens, a.prompt_len) < 1 or a.temperature < 0:
-    raise errors.ConfigError(
-      "config.pretrain.annotate.batch_size, max_new_tokens and prompt_len must be >= 1, "
-      "temperature >= 0."
-    )
-  if a.template not in conversation.TEMPLATES:
-    raise errors.ConfigError(f"config.pretrain.annotate.template={a.template!r} is unknown.")
-  f = p.fewshot
-  try:
-    fractions = [float(x) for x in f.fractions.split(",") if x]
-  except ValueError:
-    fractions = []
-  if not fractions or not all(0 < x <= 1 for x in fractions):
-    raise errors.ConfigError(
-      f"config.pretrain.fewshot.fractions={f.fractions!r} must be comma-separated numbers in "
-      "(0, 1] (paper: 0.004,0.01,0.02)."
-    )
-  if f.epochs < 1 or f.batch_size < 1 or not f.learning_rate > 0 or not 0 <= f.momentum < 1:
-    raise errors.ConfigError(
-      "config.pretrain.fewshot: epochs and batch_size must be >= 1, learning_rate > 0, "
-      "momentum in [0, 1)."
-    )
-  stages = _stages(config)
-  if "annotate" not in stages and "pretrain" not in stages:
-    return
-  if not p.teacher:
-    raise errors.ConfigError(
-      "stage 'annotate'/'pretrain' needs the LLaVA teacher and config.pretrain.teacher is "
-      "empty: set it to a llava-hf checkpoint directory (or hub name, e.g. "
-      "llava-hf/llava-1.5-7b-hf), or 'random-tiny' for the offline mechanics check."
-    )
-  if p.teacher != "random-tiny" and _looks_like_path(p.teacher) and not os.path.isdir(p.teacher):
-    raise errors.ConfigError(
-      f"config.pretrain.teacher={p.teacher!r} is not a directory; point it to a llava-hf "
-      "checkpoint (config.json + model.safetensors or its shards)."
-    )
-  if not p.demo and p.teacher != "random-tiny":
-    hub.check_hub_teacher(p.teacher, "config.pretrain.teacher")
-  if p.tokenizer and _looks_like_path(p.tokenizer) and not os.path.isdir(p.tokenizer):
-    raise errors.ConfigError(f"config.pretrain.tokenizer={p.tokenizer!r} is not a directory.")
-  if p.demo and p.teacher != "random-tiny":
-    raise errors.ConfigError("config.pretrain.demo=True runs on the tiny random teacher: set "
-                     "config.pretrain.teacher='random-tiny'.")  # fmt: skip
-  if "annotate" in stages and not p.demo and not os.path.isdir(p.unlabeled_dir or ""):
-    raise errors.ConfigError(
-      f"stage 'annotate' needs config.pretrain.unlabeled_dir={p.unlabeled_dir!r} to be a "
-      "folder of unlabeled images."
-    )
-  if "pretrain" not in stages:
-    return
-  if config.model.mlp_dim is None:
-    raise errors.ConfigError(
-      "stage 'pretrain' blends g_fl's tokens with CLIP's (Eq. 2): set config.model.mlp_dim to "
-      "the teacher's CLIP width (1024 for LLaVA-1.5's ViT-L/14-336)."
-    )
-  order = {s: i for i, s in enumerate(stages)}
-  if "annotate" in order and order["annotate"] > order["pretrain"]:
-    raise errors.ConfigError(
-      f"config.stages={config.stages!r}: 'annotate' must come before 'pretrain'."
-    )
-  if "federate" in order and order["federate"] < order["pretrain"]:
-    raise errors.ConfigError(
-      f"config.stages={config.stages!r}: 'pretrain' must come before 'federate'."
-    )
-  if "annotate" not in order:
-    if p.demo:
-      raise errors.ConfigError("config.pretrain.demo needs stage 'annotate' before 'pretrain'.")
-    if not os.path.isfile(p.data_json or ""):
-      raise errors.ConfigError(
-        f"stage 'pretrain' without 'annotate' reads config.pretrain.data_json="
-        f"{p.data_json!r}, which is not a file (LLaVA format, e.g. blip_laion_cc_sbu_558k.json)."
-      )
-    if not os.path.isdir(p.image_dir or ""):
-      raise errors.ConfigError(
-        f"config.pretrain.image_dir={p.image_dir!r} is not a folder (the images that "
-        "config.pretrain.data_json's 'image' paths are relative to)."
-      )
-
-
-def resolve_teacher(name: str, field: str = "config.pretrain.teacher") -> str:
-  """A llava-hf checkpoint directory for ``name``: a local directory, or a hub name found in (or,
-  online, downloaded into) the Hugging Face cache. Raises ``ValueError`` naming ``field``."""
-  if os.path.isdir(name):
-    return name
-  if not name or _looks_like_path(name) or name.count("/") != 1:
-    raise errors.ConfigError(
-      f"{field}={name!r} is not a llava-hf checkpoint directory (config.json + "
-      "model.safetensors or its shards); set it to one."
-    )
-  try:
-    from huggingface_hub import snapshot_download  # noqa: PLC0415
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-    return snapshot_download(name, allow_patterns=patterns)
-  except Exception as e:  # noqa: BLE001 - offline, unknown repo, no permission: one message
-    raise errors.ConfigError(
-      f"{field}={name!r}: no local directory of that name and the Hugging Face copy could not "
-      f"be had ({type(e).__name__}: {str(e)[:200]}); download it (huggingface-cli download "
-      f"{name}) and set {field} to the directory."
-    ) from None
 
 
 def fl_image_size(config) -> int:
-  """The FL backbone's input resolution: ``pretrain.fl_image_size``, else the data set's."""
+  """The FL backbone's input resolution: ``pretrain.fl_image_size``, else ``data.image_size``,
+  else the data set's (``registry.DatasetSpec.image_size``)."""
   if config.pretrain.fl_image_size:
     return int(config.pretrain.fl_image_size)
   if config.data.image_size:
     return int(config.data.image_size)
-  return _FL_IMAGE_SIZE[config.data.name]
+  return registry.get(config.data.name).image_size
 
 
 def peak_flops(config) -> Optional[float]:
@@ -239,7 +79,7 @@ def create_fl_model(config):
 
 def _init_state(config, fl_model, tx):
   s = fl_image_size(config)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)  # 0-2: stages 2 and 3
+  key = rng.stream(config.seed, "pretrain/init")
   variables = jax.jit(fl_model.init)(key, jnp.zeros((1, s, s, 3), jnp.float32))
   return dwp.create_dwp_state(variables, tx)
 
@@ -311,26 +151,6 @@ def _restore(config, workdir: str) -> tuple[int, Optional[dict]]:
   return step, (handoff(state) if step else None)
 
 
-def _load_teacher(config, workdir: str, mesh):
-  from fedllava.models import convert  # noqa: PLC0415
-  from fedllava.pretrain import demo  # noqa: PLC0415
-
-  p = config.pretrain
-  if p.teacher == demo.RANDOM_TINY:
-    path = demo.write_teacher(os.path.join(workdir, "teacher"), config.seed)
-  else:
-    path = resolve_teacher(p.teacher)
-  dtype = TEACHER_DTYPES[p.teacher_dtype]
-  try:
-    llava, params = convert.load_llava(path, dtype=dtype, mesh=mesh, axis_name=MODEL, remat=p.remat)
-    tokenizer = convert.load_tokenizer(p.tokenizer or path)
-  except (OSError, ValueError) as e:
-    raise errors.ConfigError(
-      f"config.pretrain.teacher={p.teacher!r} could not be loaded: {e}"
-    ) from None
-  return llava, dwp.shard_teacher(params, mesh, dtype), tokenizer
-
-
 def run(
   config, workdir: str, init: Optional[StageResult] = None, *, started: Optional[Callable] = None
 ) -> StageResult:
@@ -373,11 +193,10 @@ def run(
       print(f"[pretrain] continuing from step {saved.get('steps')} to step {steps}")
 
   records, root, source, bad = _records(config, init)
-  n_dev = config.mesh.num_devices or jax.device_count()
-  mesh = Mesh(np.asarray(jax.devices()[:n_dev]), (MODEL,))
+  mesh = sharding.create_model_mesh(config.mesh.num_devices or None)
   if p.teacher == demo.RANDOM_TINY and started is not None:
     started()  # the tiny teacher is written (into this stage's directory) before it is loaded
-  llava, teacher_params, tokenizer = _load_teacher(config, workdir, mesh)
+  llava, teacher_params, tokenizer = teacher.load_sharded(config, workdir, mesh)
   if fl_model.mlp_dim != llava.feature_dim:
     raise errors.ConfigError(
       f"config.model.mlp_dim={fl_model.mlp_dim} must equal the teacher's CLIP feature width "
@@ -386,7 +205,7 @@ def run(
   plan = _plan(config, len(records))
   tx = dwp.create_optimizer(p.learning_rate, plan["planned_steps"], p.warmup_ratio, p.weight_decay)
   step_fn = dwp.DWPStep(llava, fl_model, tx, p.accum_steps, clip_channels_last=True)
-  repl = NamedSharding(mesh, P())
+  repl = sharding.replicated(mesh)
   state = jax.device_put(_as_dict(_init_state(config, fl_model, tx)), repl)
   ckpt = checkpoint.Checkpointer(ckpt_dir, p.checkpoint_every, p.checkpoint_keep)
   if (ckpt.latest_round() or 0) > plan["steps"]:
@@ -402,7 +221,7 @@ def run(
   meta = meta or {"images_seen": 0}
   size = llava.config.vision_config.image_size
   s_fl = fl_image_size(config)
-  norm = sources.DATASET_STATS[config.data.name]
+  norm = registry.get(config.data.name).normalization
   loader = make_loader(
     records,
     root,
@@ -424,7 +243,7 @@ def run(
   if done:
     print(f"[resume] pretrain: restored step {done} from {ckpt_dir}")
   micro = p.batch_size // p.accum_steps
-  batch_sharding = NamedSharding(mesh, P(MODEL)) if micro % mesh.size == 0 else repl
+  batch_sharding = sharding.model_batch_sharding(mesh, micro)
   mean = jnp.asarray(norm.mean, jnp.float32)
   std = jnp.asarray(norm.std, jnp.float32)
   prep_clip = jax.jit(lambda x: clip_lib.preprocess(x, size), out_shardings=batch_sharding)
