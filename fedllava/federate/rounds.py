@@ -6,8 +6,8 @@ the chosen client-parallel strategy; the server update (an ``FLAlgorithm``) then
 over the client axis. A padding client (weight 0, no active steps) fills the client axis up
 to a multiple of the device count and changes nothing.
 
-Client-parallel strategies (identical results, different speed; DESIGN.md asks the GPU
-benchmark to pick): ``vmap`` (all local clients at once; per-client conv kernels lower to
+Client-parallel strategies (identical results, different speed; ``fl.client_parallelism``
+picks one, ``benchmarks/fl_round.py`` times each side by side): ``vmap`` (all local clients at once; per-client conv kernels lower to
 grouped convolutions), ``map`` (``lax.map``: one client after another), ``group``
 (``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group).
 """
