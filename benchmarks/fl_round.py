@@ -1,7 +1,7 @@
 """One federated round of the paper's CIFAR-10-LT IF=100 setup, every contender, one run.
 
   python benchmarks/fl_round.py --preset=paper       # the paper's round (GPU)
-  python benchmarks/fl_round.py --preset=cpu_small   # what benchmarks/round_speed.py's cpu_small is
+  python benchmarks/fl_round.py --preset=cpu_small   # a reduced shape a 2-core CPU finishes
   python benchmarks/fl_round.py --preset=ci          # 2 tiny clients, seconds (tests)
 
 The round (synthetic pixels, real shapes): CReFF's ResNet-8 (width 64), 20 clients whose sizes

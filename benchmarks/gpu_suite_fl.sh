@@ -4,7 +4,7 @@
 # batch 32): fedllava's strategies x conv lowering x {fp32, bf16}, CReFF's PyTorch loop, the
 # best honest PyTorch (data on device, channels_last, bf16 autocast, fused SGD, torch.compile +
 # CUDA graphs) and pfl-research, timed interleaved in one process per group; JSON + PNG under
-# $OUT (or benchmarks/results). Device set-up mirrors benchmarks/gpu_suite.sh: the wheels the
+# $OUT (or benchmarks/results). Device set-up mirrors benchmarks/gpu_suite_teacher.sh: the wheels the
 # offline GPU machine lacks come from `bash ../shared/tools/device-wheels.sh` (./.whl); pfl and
 # its pure-Python deps, if wanted, from `pip download --no-deps -d .whl pfl dp-accounting
 # prv-accountant multiprocess dill` beforehand (skipped with a reason in the JSON otherwise).

@@ -95,6 +95,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.server_momentum = 0.9
   c.fl.client_parallelism = "vmap"  # vmap | map | group
   c.fl.group_size = 1
+  # Each FL method's own hyperparameters (fedllava/algorithms/<name>.py says where each
+  # default comes from).
+  c.fl.fedadam = ml_collections.ConfigDict()  # also fedyogi; Reddi et al. 2021, Sec. 5 / App. D
+  c.fl.fedadam.learning_rate = 0.01  # server step size eta
+  c.fl.fedadam.b1 = 0.9
+  c.fl.fedadam.b2 = 0.99
+  c.fl.fedadam.tau = 1e-3  # adaptivity (Adam's eps)
+  c.fl.fedfocal = ml_collections.ConfigDict()  # Sarkar et al. 2020; Lin et al. 2017
+  c.fl.fedfocal.gamma = 2.0
+  c.fl.fedfocal.alpha = 1.0  # one scalar for every class
+  c.fl.taunorm = ml_collections.ConfigDict()  # Kang et al. 2020 (evaluation only)
+  c.fl.taunorm.tau = 1.0
+  c.fl.taunorm.keep_bias = False  # the authors' code drops the bias
 
   # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
   # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.

@@ -1,7 +1,8 @@
 """Entry point: ``python -m fedllava.main --config=configs/digits_lt.py [--workdir=DIR]``.
 
 Validates every config section, then chains ``config.stages`` in order (the paper's three
-stages: ``pretrain`` -> ``federate`` -> ``align``), handing each stage's result to the next.
+stages, the first in two steps: ``annotate`` -> ``pretrain`` -> ``federate`` -> ``align``),
+handing each stage's result to the next.
 Each stage writes under ``workdir/<stage>/``; a stage that is complete is loaded, not rerun;
 rerunning the same command resumes wherever the run stopped. The run ends with the models
 side by side (``workdir/report.json``, ``report.txt`` and two comparison figures).
@@ -45,6 +46,9 @@ _VALIDATORS = (
   lambda c: align.validate(c),
   lambda c: sharding.validate(c),
 )
+# The order stages chain in (each result is the next stage's start), and what a stage needs.
+_ORDER = tuple(STAGES)
+_NEEDS = {"align": "federate"}  # stage 3 aligns stage 2's model
 # What a user can get wrong (a message, no traceback); anything else keeps its traceback.
 USER_ERRORS = (errors.UserError,)
 
@@ -69,8 +73,33 @@ def validate(config) -> None:
     )
   if len(set(stages)) != len(stages):
     raise errors.ConfigError(f"config.stages={config.stages!r} names a stage twice.")
+  check_stage_order(config)
   for check in _VALIDATORS:
     check(config)
+
+
+def check_stage_order(config) -> None:
+  """The stages run in the registry's order, and a stage that starts from another finds it.
+
+  Raises:
+    ConfigError: naming ``config.stages`` and the order to use.
+  """
+  stages = stage_list(config)
+  for i, later in enumerate(stages):
+    for earlier in stages[i + 1 :]:
+      if _ORDER.index(earlier) < _ORDER.index(later):
+        if later == "align" and earlier == "federate":
+          break  # the message below says why
+        raise errors.ConfigError(
+          f"config.stages={config.stages!r}: '{earlier}' must come before '{later}' (the "
+          f"order is {', '.join(_ORDER)})."
+        )
+  for stage, needed in _NEEDS.items():
+    if stage in stages and (needed not in stages or stages.index(needed) > stages.index(stage)):
+      raise errors.ConfigError(
+        f"config.stages={config.stages!r}: 'align' aligns stage 2's model, so '{needed}' must "
+        "come before it."
+      )
 
 
 def _has_progress(workdir: str) -> bool:
@@ -127,7 +156,7 @@ def run(config, workdir: str, load_teacher=None) -> dict:
         config, workdir, name, STAGES[name].run, result, upstream, started, saved, **kwargs
       )
       results[name] = result
-    _pipeline_report(config, workdir, results)
+    report.write_pipeline_report(workdir, results, stages, config.fl.algorithm, config.fl.rounds)
   return results
 
 
@@ -156,62 +185,6 @@ def _run_stage(config, workdir, name, run_fn, init, upstream, started, saved, **
       print(f"[{name}] its result differs from the one recorded; the stages after it are redone")
     provenance.write(stage_dir, stage_key, fp)
   return result, fp
-
-
-def _pipeline_report(config, workdir: str, results: dict) -> None:
-  """FedAvg alone vs + alignment: table, confusion matrices and curves side by side.
-
-  Rows are named by what made the model: ``fedavg``, ``fedavg + alignment``; when stage 1 ran,
-  every row starts from its backbone: ``pretrain + fedavg``, ``pretrain + fedavg + alignment``
-  (this pipeline never trains a no-pretraining FedAvg next to them; run the same config without
-  'pretrain' in config.stages for that row).
-  """
-  algo = config.fl.algorithm
-  if "pretrain" in results:
-    algo = f"pretrain + {algo}"
-  plain = results.get("federate_plain") or results.get("federate")
-  if plain is None:
-    return
-  rows = [(algo, plain.report["final"])]
-  curves = [(algo, plain.report.get("curve", []))]
-  if "align" in results:
-    aligned = results["align"].report
-    rows.append((f"{algo} + alignment", aligned["final"]))
-    if aligned["when"] == "every_round":
-      curves.append((f"{algo} + alignment (every round)", aligned.get("curve", [])))
-    else:
-      curves.append(
-        (
-          f"{algo} + alignment (after round {config.fl.rounds})",
-          [(config.fl.rounds, aligned["final"]["top1"])],
-        )
-      )
-  table = report.format_comparison(rows)
-  print(table)
-  if jax.process_index() != 0:
-    return
-  fileio.atomic_write_text(os.path.join(workdir, "report.txt"), table + "\n")
-  summary = {
-    "stages": stage_list(config),
-    "pretraining": {  # how much stage 1 ran, next to the numbers it fed
-      k: results["pretrain"].report.get(k)
-      for k in ("steps", "epochs", "images_seen", "fraction_of_paper", "teacher", "demo")
-    }
-    if "pretrain" in results
-    else None,
-    "rows": [
-      {"model": label, **{k: r[k] for k in ("top1", "many", "medium", "few")}} for label, r in rows
-    ],
-  }
-  report.write_json(os.path.join(workdir, "report.json"), summary)
-  names = plain.report.get("class_names")
-  if len(rows) > 1:
-    report.save_confusion_comparison_png(
-      [(label, r["confusion"]) for label, r in rows],
-      os.path.join(workdir, "confusion_comparison.png"),
-      names,
-    )
-  report.save_curves_comparison_png(curves, os.path.join(workdir, "accuracy_comparison.png"))
 
 
 def _one_line(message: str, status: int = 1):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
 from fedllava import fileio
@@ -265,3 +267,65 @@ def save_curves_comparison_png(
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)
   _atomic_savefig(fig, path)
+
+
+def write_pipeline_report(
+  workdir: str, results: dict, stages: Sequence[str], algorithm: str, rounds: int
+) -> None:
+  """FedAvg alone vs + alignment: table, confusion matrices and curves side by side.
+
+  Rows are named by what made the model: ``fedavg``, ``fedavg + alignment``; when stage 1 ran,
+  every row starts from its backbone: ``pretrain + fedavg``, ``pretrain + fedavg + alignment``
+  (this pipeline never trains a no-pretraining FedAvg next to them; run the same config without
+  'pretrain' in config.stages for that row).
+
+  Args:
+    workdir: the run's directory (``report.txt``, ``report.json`` and two PNGs go there).
+    results: ``{stage name: StageResult}`` as ``main.run`` collects them (``federate_plain``:
+      stage 2 without the per-round alignment).
+    stages: ``config.stages`` as a list; algorithm: ``config.fl.algorithm``; rounds:
+      ``config.fl.rounds``.
+  """
+  algo = algorithm
+  if "pretrain" in results:
+    algo = f"pretrain + {algo}"
+  plain = results.get("federate_plain") or results.get("federate")
+  if plain is None:
+    return
+  rows = [(algo, plain.report["final"])]
+  curves = [(algo, plain.report.get("curve", []))]
+  if "align" in results:
+    aligned = results["align"].report
+    rows.append((f"{algo} + alignment", aligned["final"]))
+    if aligned["when"] == "every_round":
+      curves.append((f"{algo} + alignment (every round)", aligned.get("curve", [])))
+    else:
+      curves.append(
+        (f"{algo} + alignment (after round {rounds})", [(rounds, aligned["final"]["top1"])])
+      )
+  table = format_comparison(rows)
+  print(table)
+  if jax.process_index() != 0:
+    return
+  fileio.atomic_write_text(os.path.join(workdir, "report.txt"), table + "\n")
+  summary = {
+    "stages": list(stages),
+    "pretraining": {  # how much stage 1 ran, next to the numbers it fed
+      k: results["pretrain"].report.get(k)
+      for k in ("steps", "epochs", "images_seen", "fraction_of_paper", "teacher", "demo")
+    }
+    if "pretrain" in results
+    else None,
+    "rows": [
+      {"model": label, **{k: r[k] for k in ("top1", "many", "medium", "few")}} for label, r in rows
+    ],
+  }
+  write_json(os.path.join(workdir, "report.json"), summary)
+  names = plain.report.get("class_names")
+  if len(rows) > 1:
+    save_confusion_comparison_png(
+      [(label, r["confusion"]) for label, r in rows],
+      os.path.join(workdir, "confusion_comparison.png"),
+      names,
+    )
+  save_curves_comparison_png(curves, os.path.join(workdir, "accuracy_comparison.png"))

@@ -17,6 +17,7 @@ STREAMS = (
   "align",  # stage 3's batch order and augmentation (folded with the round)
   "pretrain/init",  # stage 1's g_fl
   "fewshot",  # Table 4's ablation
+  "federate/server",  # stage 2's server step (a method's state and its per-round key)
 )
 
 

@@ -15,7 +15,7 @@ from fedllava.data.llava import read_conversations
 from fedllava.models.clip import CLIP_MEAN, CLIP_STD
 from fedllava.models.llava import LlavaModel
 from fedllava.models.llava_configs import llava_config
-from fedllava.pretrain import prompts
+from fedllava.pretrain import demo, prompts
 from fedllava.pretrain.annotate import annotate_folder, decode_answer, list_images
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -26,8 +26,7 @@ KW = dict(batch_size=2, max_new_tokens=6, prompt_len=72, seed=0)
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   """Word-level tokenizer over the model's 64 ids: <image> at 60, words of the prompts elsewhere."""
-  from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
+  from tokenizers import Regex, pre_tokenizers
 
   pre = pre_tokenizers.Sequence(
     [
@@ -44,17 +43,7 @@ def tokenizer(tmp_path_factory):
   words = (words + [f"w{i}" for i in range(64)])[: 64 - len(specials) - 1]
   tokens = specials + words[:56] + ["<image>"] + words[56:]
   assert len(tokens) == 64 and tokens[CFG.image_token_index] == "<image>"
-  t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(tokens)}, unk_token="<unk>"))
-  t.pre_tokenizer = pre
-  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-  fast = PreTrainedTokenizerFast(
-    tokenizer_object=t,
-    unk_token="<unk>",
-    bos_token="<s>",
-    eos_token="</s>",
-    pad_token="<pad>",
-    additional_special_tokens=["<image>"],
-  )
+  fast = demo.word_level_tokenizer(tokens, pre)
   path = tmp_path_factory.mktemp("tok")
   fast.save_pretrained(path)
   from transformers import AutoTokenizer

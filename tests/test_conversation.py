@@ -12,6 +12,7 @@ from fedllava.data.conversation import (
   tokenize_conversation,
 )
 from fedllava.models.convert import load_tokenizer
+from fedllava.pretrain import demo
 
 SYSTEM = (
   "A chat between a curious user and an artificial intelligence assistant. "
@@ -36,8 +37,7 @@ CAPTION = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
+  from tokenizers import Regex, pre_tokenizers
 
   pre = pre_tokenizers.Sequence(
     [
@@ -45,23 +45,7 @@ def tokenizer(tmp_path_factory):
       pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), "isolated"),
     ]
   )
-  words = set()
-  for text in (VICUNA, "<image>A black cat.\n"):
-    for piece in text.replace("<image>", " ").replace("</s>", " ").split(" "):
-      words.update(w for w, _ in pre.pre_tokenize_str(piece))
-  specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-  vocab = {w: i for i, w in enumerate(specials + sorted(words))}
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre
-  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-  fast = PreTrainedTokenizerFast(
-    tokenizer_object=t,
-    unk_token="<unk>",
-    bos_token="<s>",
-    eos_token="</s>",
-    pad_token="<pad>",
-    additional_special_tokens=["<image>"],
-  )
+  fast = demo.word_level_tokenizer(demo.vocabulary((VICUNA, "<image>A black cat.\n"), pre), pre)
   path = tmp_path_factory.mktemp("tok")
   fast.save_pretrained(path)
   return load_tokenizer(path)  # the converter's AutoTokenizer path

@@ -17,6 +17,7 @@ from fedllava.models.convert import checkpoint_files, load_llava, load_tokenizer
 from fedllava.models.llava import LlavaModel
 from fedllava.models.llava_configs import llava_config
 from fedllava.models.safetensors_io import read_header, read_tensor
+from fedllava.pretrain import demo
 
 jax.config.update("jax_default_matmul_precision", "highest")
 IMG = llava_config("test").image_token_index
@@ -173,15 +174,10 @@ def test_pytorch_checkpoint_sharded_bf16_and_tokenizer(tmp_path):
 
 
 def _tiny_tokenizer():
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
+  from tokenizers import pre_tokenizers
 
-  vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "cat"])}
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Whitespace()
-  return PreTrainedTokenizerFast(
-    tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-  )
+  tokens = ["<unk>", "<s>", "</s>", "a", "cat"]
+  return demo.word_level_tokenizer(tokens, pre_tokenizers.Whitespace(), bos=False)
 
 
 # ---- clear errors ----

@@ -9,6 +9,7 @@ from PIL import Image
 
 from fedllava.data import llava
 from fedllava.data.sources import resize_center_crop
+from fedllava.pretrain import demo
 
 IMG, IGNORE, N_IMG = "<image>", -100, 3
 SYSTEM = (
@@ -51,30 +52,12 @@ def tokenizer():
   """A word-level tokenizer that splits like LLaMA's SentencePiece where LLaVA's counting relies
   on it: a space joins the following word ("ASSISTANT: A" -> ":", " A") and a trailing space is a
   token of its own ("ASSISTANT: " -> ":", " "), which LLaVA's "- 2" assumes (BOS + that space)."""
-  from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
+  from tokenizers import Regex, pre_tokenizers
 
   pre = pre_tokenizers.Split(Regex(r" ?\w+| ?[^\w\s]|\n| "), "isolated")
   texts = [SYSTEM, "USER: ASSISTANT: ", " ", "\n"] + list(CAPTIONS.values())
   texts += [v for turns in CHATS.values() for v in turns]
-  words = set()
-  for text in texts:
-    for piece in text.replace(IMG, "|").split("|"):
-      words.update(w for w, _ in pre.pre_tokenize_str(piece))
-      words.update(w for w, _ in pre.pre_tokenize_str(piece.strip()))
-  specials = ["<unk>", "<s>", "</s>", "<pad>", IMG]
-  vocab = {w: i for i, w in enumerate(specials + sorted(words - set(specials)))}
-  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre
-  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-  return PreTrainedTokenizerFast(
-    tokenizer_object=t,
-    unk_token="<unk>",
-    bos_token="<s>",
-    eos_token="</s>",
-    pad_token="<pad>",
-    additional_special_tokens=[IMG],
-  )
+  return demo.word_level_tokenizer(demo.vocabulary(texts, pre), pre)
 
 
 def _write_set(tmp_path, entries, images):

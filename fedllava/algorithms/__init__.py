@@ -1,27 +1,39 @@
-"""FL methods, each a small module returning a ``FLAlgorithm``; ``create`` picks one by name.
+"""FL methods, one module each; ``create`` picks one by ``config.fl.algorithm``.
 
-Adding a method: write ``fedllava/algorithms/<name>.py`` with ``create(...)`` returning a
-``base.FLAlgorithm`` and add one line to ``_FACTORIES``.
+Adding a method: write ``fedllava/algorithms/<name>.py`` with ``from_config(fl_config)``
+returning a ``base.FLAlgorithm`` (built with ``base.create``: every part you leave out is
+FedAvg's) and, if it has hyperparameters, ``validate(fl_config)`` for its section
+``config.fl.<name>`` (in ``configs/common.py``); then add one line to ``METHODS``.
 """
 
-from fedllava.algorithms import base, fedavg, fedavgm, fednova, fedprox
+from fedllava import errors
+from fedllava.algorithms import base, fedadam, fedavg, fedavgm, fedfocal, fednova, fedprox, taunorm
 from fedllava.algorithms.base import FLAlgorithm, server_update
 
-_FACTORIES = {
-  "fedavg": lambda c: fedavg.create(c.server_lr),
-  "fedprox": lambda c: fedprox.create(c.prox_mu, c.server_lr),
-  "fedavgm": lambda c: fedavgm.create(c.server_momentum, c.server_lr),
-  "fednova": lambda c: fednova.create(c.server_lr),
+METHODS = {
+  "fedavg": fedavg,
+  "fedprox": fedprox,
+  "fedavgm": fedavgm,
+  "fednova": fednova,
+  "fedadam": fedadam,
+  "fedyogi": fedadam,
+  "fedfocal": fedfocal,
+  "taunorm": taunorm,
 }
-ALGORITHMS = tuple(_FACTORIES)
+ALGORITHMS = tuple(METHODS)
 
 
 def create(fl_config) -> FLAlgorithm:
   """Builds the method named by ``fl_config.algorithm`` from its hyperparameters."""
   name = fl_config.algorithm
-  if name not in _FACTORIES:
-    raise ValueError(f"config.fl.algorithm={name!r} is unknown; choose one of {list(ALGORITHMS)}.")
-  return _FACTORIES[name](fl_config)
+  if name not in METHODS:
+    raise errors.ConfigError(
+      f"config.fl.algorithm={name!r} is unknown; choose one of {list(ALGORITHMS)}."
+    )
+  module = METHODS[name]
+  if hasattr(module, "validate"):
+    module.validate(fl_config)
+  return module.from_config(fl_config)
 
 
-__all__ = ["ALGORITHMS", "FLAlgorithm", "base", "create", "server_update"]
+__all__ = ["ALGORITHMS", "METHODS", "FLAlgorithm", "base", "create", "server_update"]

@@ -1,43 +1,98 @@
-"""The shape every FL method takes: a local objective term and a server update.
+"""The FL method contract: five places a method may change, each with FedAvg's default.
 
-A method is a small bundle of pure functions over parameter pytrees (fedjax's
-``FederatedAlgorithm``, optax's ``GradientTransformation``):
+A method is a small bundle of pure functions over pytrees (fedjax's ``FederatedAlgorithm``,
+optax's ``GradientTransformation``, TFF's composed learning process), every part optional:
 
-* ``local_penalty(params, global_params) -> scalar`` is added to each client's loss
-  (FedProx's proximal term; zero for FedAvg);
-* ``pseudo_gradient(global_params, client_params, weights, num_steps) -> delta`` turns the
-  stacked client parameters (leading client axis) into one server "gradient";
-* ``server_optimizer`` is an optax transformation applied to that delta (FedAvg:
-  ``sgd(1.0)``, so ``w <- w - (w - sum_k p_k w_k) = sum_k p_k w_k``, the paper's Eq. 4).
+==============================  ===========================================  =======================
+place                           field (default)                              where it runs
+==============================  ===========================================  =======================
+client loss on a batch          ``client_loss`` (masked cross-entropy)       vmapped local step
+local penalty                   ``local_penalty`` (none; FedProx)            vmapped local step
+client upload besides params    ``client_upload`` (none)                     end of each client
+aggregation                     ``pseudo_gradient`` + ``server_optimizer``   reduction over clients
+                                (``w - sum_k p_k w_k`` + ``sgd(1.0)``: Eq. 4)
+server step after aggregation   ``server_step`` (none)                       server, same jit
+==============================  ===========================================  =======================
 
-Clients upload parameters only: everything above consumes client *parameters*, never
-client gradients.
+plus ``message`` (what the server sends every client besides the global model, e.g. class
+weights or a re-trained classifier; default nothing) and ``eval_variables`` (the model that is
+evaluated, when it is not the one sent to the clients: CReFF's and CCVR's re-trained classifier,
+tau-norm's normalised one; default the global model). A method with a server step keeps its own
+state (``server_init``), checkpointed with the run.
+
+Clients upload parameters and BN statistics always; ``client_upload`` returns what else leaves
+a client, by kind: ``{"statistics": tree}`` (CCVR's per-class feature moments) or
+``{"gradients": tree}`` (CReFF's, CLIP2FL's per-class classifier gradients). The round logs
+every kind's bytes: the paper's privacy argument (Table 1) is about exactly that.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 PyTree = Any
+UPLOAD_KINDS = ("statistics", "gradients")
 
 
-class FLAlgorithm(NamedTuple):
-  """A federated method as pure functions (see module docstring)."""
+class ClientData(NamedTuple):
+  """What ``client_upload`` sees of one client, inside the vmapped round.
 
-  name: str
-  local_penalty: Callable[[PyTree, PyTree], jax.Array]
-  pseudo_gradient: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree]
-  server_optimizer: optax.GradientTransformation
+  Attributes:
+    images: uint8 ``[N_max, H, W, C]``, the client's data padded with copies of its first
+      example.
+    labels: int32 ``[N_max]``.
+    valid: ``[N_max]`` 1.0 for the client's ``n_k`` real examples, 0.0 for the padding.
+    key: the client's key for this round (independent of its augmentation keys).
+  """
+
+  images: Any
+  labels: Any
+  valid: Any
+  key: Any
+
+
+class ServerContext(NamedTuple):
+  """What ``server_step`` sees after aggregation (all on device, inside the round's jit).
+
+  Attributes:
+    variables: the aggregated global model ``{"params", "batch_stats"}``.
+    state: the method's own state (``server_init``'s tree).
+    client_variables: every sampled client's model, stacked on the client axis.
+    uploads: ``client_upload``'s output stacked on the client axis (``{}`` without one).
+    weights: ``[M]`` FedAvg weights ``|D_k| / sum |D_k|``, 0 for padding clients.
+    server_data: the server's own images (e.g. FedDF's unlabeled pool), or None.
+    key: this round's server key.
+  """
+
+  variables: PyTree
+  state: PyTree
+  client_variables: PyTree
+  uploads: PyTree
+  weights: Any
+  server_data: Any
+  key: Any
 
 
 def no_penalty(params: PyTree, global_params: PyTree) -> jax.Array:
   """The FedAvg local objective adds nothing."""
   del params, global_params
   return jnp.zeros((), jnp.float32)
+
+
+def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum_i w_i v_i / max(sum_i w_i, 1)``: the mean over a batch's real examples."""
+  return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cross_entropy(outputs: dict, labels: jax.Array, weights: jax.Array, message=None):
+  """FedAvg's local loss: the cross-entropy averaged over the batch's real examples."""
+  del message
+  ce = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], labels)
+  return masked_mean(ce, weights)
 
 
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
@@ -54,6 +109,81 @@ def mean_delta(
   return jax.tree.map(lambda g, a: g - a, global_params, avg)
 
 
+class FLAlgorithm(NamedTuple):
+  """A federated method as pure functions (see the module docstring); defaults are FedAvg's.
+
+  Attributes:
+    name: the ``config.fl.algorithm`` name.
+    local_penalty: ``(params, global_params) -> scalar`` added to every local loss.
+    pseudo_gradient: ``(global_params, client_params, weights, num_steps) -> delta``.
+    server_optimizer: optax transformation applied to the delta.
+    client_loss: ``(outputs, labels, weights, message) -> scalar``, the mean loss of one local
+      batch; ``outputs`` is the model's dict (``logits``, ``features``), ``weights`` 0 marks a
+      padding example, ``message`` is what ``message`` computed this round (or None).
+    client_upload: ``(model_fn, global_variables, local_variables, data: ClientData, message)
+      -> {kind: tree}`` with kinds from ``UPLOAD_KINDS``; ``model_fn(variables, uint8 images)``
+      is the model in eval mode on normalised images (its output dict).
+    server_init: ``(variables, num_classes, key) -> state`` of a method with a server step.
+    server_step: ``(ServerContext, model_fn) -> (variables sent to clients, state, metrics)``.
+    message: ``(variables, state) -> tree`` sent to every client with the global model.
+    eval_variables: ``(variables, state) -> variables`` that are evaluated.
+    server_data: which server-side images the server step needs: None, or "unlabeled" (the
+      training images that the long tail leaves out, without labels: FedDF, FedBE).
+  """
+
+  name: str
+  local_penalty: Callable = no_penalty
+  pseudo_gradient: Callable = mean_delta
+  server_optimizer: optax.GradientTransformation = optax.sgd(1.0)
+  client_loss: Callable = cross_entropy
+  client_upload: Optional[Callable] = None
+  server_init: Optional[Callable] = None
+  server_step: Optional[Callable] = None
+  message: Optional[Callable] = None
+  eval_variables: Optional[Callable] = None
+  server_data: Optional[str] = None
+
+
+def create(name: str, **parts) -> FLAlgorithm:
+  """An ``FLAlgorithm`` with FedAvg's defaults for every part not given (or given as None)."""
+  unknown = set(parts) - set(FLAlgorithm._fields)
+  if unknown:
+    raise TypeError(f"unknown method parts {sorted(unknown)}; see FLAlgorithm")
+  return FLAlgorithm(name, **{k: v for k, v in parts.items() if v is not None})
+
+
+def init_server_state(algorithm: FLAlgorithm, variables: PyTree, num_classes: int, key) -> PyTree:
+  """The server's state: the optax state, plus the method's own under ``"method"`` if it has one.
+
+  A method without ``server_init`` keeps the plain optax state (the layout of every checkpoint
+  written before methods had state).
+  """
+  opt = algorithm.server_optimizer.init(variables["params"])
+  if algorithm.server_init is None:
+    return opt
+  return {"opt": opt, "method": algorithm.server_init(variables, num_classes, key)}
+
+
+def split_server_state(algorithm: FLAlgorithm, server_state: PyTree):
+  """``(optax state, method state or None)``."""
+  if algorithm.server_init is None:
+    return server_state, None
+  return server_state["opt"], server_state["method"]
+
+
+def join_server_state(algorithm: FLAlgorithm, opt_state: PyTree, method_state: PyTree) -> PyTree:
+  if algorithm.server_init is None:
+    return opt_state
+  return {"opt": opt_state, "method": method_state}
+
+
+def evaluated(algorithm: FLAlgorithm, variables: PyTree, server_state: PyTree) -> PyTree:
+  """The variables to evaluate: ``eval_variables`` of the method, else the global model."""
+  if algorithm.eval_variables is None:
+    return variables
+  return algorithm.eval_variables(variables, split_server_state(algorithm, server_state)[1])
+
+
 def server_update(
   algorithm: FLAlgorithm,
   global_params: PyTree,
@@ -62,7 +192,10 @@ def server_update(
   weights: jax.Array,
   num_steps: jax.Array,
 ):
-  """Applies one server step; returns ``(new_global_params, new_server_state)``."""
+  """Applies one aggregation step; returns ``(new_global_params, new_optax_state)``.
+
+  ``server_state`` is the optax state here (``split_server_state`` gives it).
+  """
   delta = algorithm.pseudo_gradient(global_params, client_params, weights, num_steps)
   updates, server_state = algorithm.server_optimizer.update(delta, server_state, global_params)
   return optax.apply_updates(global_params, updates), server_state

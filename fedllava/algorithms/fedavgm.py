@@ -13,3 +13,7 @@ def create(momentum: float, server_lr: float = 1.0) -> base.FLAlgorithm:
   return base.FLAlgorithm(
     "fedavgm", base.no_penalty, base.mean_delta, optax.sgd(server_lr, momentum=momentum)
   )
+
+
+def from_config(fl) -> base.FLAlgorithm:
+  return create(fl.server_momentum, fl.server_lr)

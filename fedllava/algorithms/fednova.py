@@ -29,3 +29,7 @@ def normalised_delta(global_params, client_params, weights, num_steps):
 def create(server_lr: float = 1.0) -> base.FLAlgorithm:
   """FedNova for plain local SGD."""
   return base.FLAlgorithm("fednova", base.no_penalty, normalised_delta, optax.sgd(server_lr))
+
+
+def from_config(fl) -> base.FLAlgorithm:
+  return create(fl.server_lr)

@@ -18,3 +18,7 @@ def create(mu: float, server_lr: float = 1.0) -> base.FLAlgorithm:
     return 0.5 * mu * sum(jax.tree.leaves(sq))
 
   return base.FLAlgorithm("fedprox", penalty, base.mean_delta, optax.sgd(server_lr))
+
+
+def from_config(fl) -> base.FLAlgorithm:
+  return create(fl.prox_mu, fl.server_lr)

@@ -37,6 +37,9 @@ class FederatedData:
     class_counts: int [C], training images per class (defines many/medium/few).
     histogram: int [K, C], each client's class histogram.
     norm: per-channel normalisation.
+    unlabeled: the training images that neither the long tail nor D_align kept (no client
+      holds them, never the test set), without labels; only when ``build(unlabeled=True)``
+      (the server data of FedDF and FedBE), else None.
   """
 
   train: sources.Dataset
@@ -49,10 +52,21 @@ class FederatedData:
   class_counts: np.ndarray
   histogram: np.ndarray
   norm: sources.Normalization
+  unlabeled: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
     return self.train.num_classes
+
+  def unlabeled_images(self) -> np.ndarray:
+    """uint8 ``[N_u, H, W, C]``; raises a ConfigError when there is no such pool."""
+    if self.unlabeled is None or not len(self.unlabeled):
+      raise errors.ConfigError(
+        "this FL method distills on the server's unlabeled images (the training images the "
+        "long tail leaves out), and this data set leaves none out (config.data.name, "
+        "config.data.imbalance_factor); pick another config.fl.algorithm."
+      )
+    return self.unlabeled
 
 
 def _load(config, split: str) -> sources.Dataset:
@@ -168,8 +182,12 @@ def build_server_data(config) -> ServerData:
   )
 
 
-def build(config) -> FederatedData:
-  """Builds the federated data set that ``config.data`` and ``config.fl`` describe."""
+def build(config, unlabeled: bool = False) -> FederatedData:
+  """Builds the federated data set that ``config.data`` and ``config.fl`` describe.
+
+  Args:
+    unlabeled: also keep the images the long tail leaves out (``FederatedData.unlabeled``).
+  """
   d, fl = config.data, config.fl
   full = _load(config, "train")
   test = _load(config, "test")
@@ -210,4 +228,7 @@ def build(config) -> FederatedData:
     class_counts=np.bincount(train.labels, minlength=c),
     histogram=partition.class_histogram(train.labels, parts, c),
     norm=registry.get(d.name).normalization,
+    unlabeled=full.images[np.setdiff1d(np.arange(len(full)), np.concatenate([held, kept]))]
+    if unlabeled
+    else None,
   )

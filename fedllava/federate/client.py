@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedllava.algorithms.base import ClientData
 from fedllava.data.augment import augment, normalize
 
 PyTree = Any
@@ -77,10 +78,34 @@ def _float_dtype(params) -> Any:
 class LocalTrainer(NamedTuple):
   """The pure functions of local training for one client (vmap them for many)."""
 
-  # (carry, images, labels, global_params, idx, weight, active, key) -> (carry, loss)
+  # (carry, images, labels, global_params, idx, weight, active, key, message) -> (carry, loss)
   step: Callable
   init_carry: Callable  # (variables) -> carry
-  train: Callable  # (variables, images, labels, plan: BatchPlan, key) -> (variables, metrics)
+  # (variables, images, labels, plan: BatchPlan, key, message=None, size=None)
+  #   -> (variables, metrics); metrics["upload"] holds the method's extra upload, if any
+  train: Callable
+  model_fn: Callable = None  # (variables, uint8 images [N, H, W, C]) -> outputs, eval mode
+
+
+def create_model_fn(model, mean, std, chunk: int = 256) -> Callable:
+  """``model_fn(variables, uint8 images) -> outputs``: the model in eval mode on normalised images,
+  ``chunk`` images at a time (a fixed shape, so a client's whole data set fits in memory under
+  vmap); each output gets the leading axis of ``images``."""
+
+  def model_fn(variables, images):
+    n = images.shape[0]
+    c = min(chunk, n)
+    steps = -(-n // c)
+    dtype = _float_dtype(variables["params"])
+    padded = jnp.concatenate([images, jnp.zeros((steps * c - n,) + images.shape[1:], images.dtype)])
+
+    def one(x):
+      return model.apply(variables, normalize(x, mean, std, dtype), train=False)
+
+    out = jax.lax.map(one, padded.reshape((steps, c) + images.shape[1:]))
+    return jax.tree.map(lambda y: y.reshape((steps * c,) + y.shape[2:])[:n], out)
+
+  return model_fn
 
 
 def create_local_trainer(
@@ -107,44 +132,51 @@ def create_local_trainer(
     A ``LocalTrainer``.
   """
   tx = optax.sgd(learning_rate)
+  model_fn = create_model_fn(model, mean, std)
 
-  def loss_fn(params, batch_stats, global_params, x, y, w):
+  def loss_fn(params, batch_stats, global_params, x, y, w, message):
     out, new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mask=w, mutable=["batch_stats"]
     )
-    ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], y)
-    loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0)
+    loss = algorithm.client_loss(out, y, w, message)
     loss = loss + algorithm.local_penalty(params, global_params)
     return loss, new_vars["batch_stats"]
 
   def init_carry(variables):
     return (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
-  def step(carry, images, labels, global_params, idx, weight, active, key):
+  def step(carry, images, labels, global_params, idx, weight, active, key, message=None):
     params, batch_stats, opt_state = carry
     x = normalize(images[idx], mean, std, _float_dtype(params))
     x = augment(x, key, crop_padding, flip, per_batch_augment)
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype)
+      params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype), message
     )
     updates, new_opt = tx.update(grads, opt_state, params)
     new_carry = (optax.apply_updates(params, updates), new_stats, new_opt)
     carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_carry, carry)
     return carry, jnp.where(active, loss, 0.0)
 
-  def train(variables, images, labels, plan: BatchPlan, key):
+  def train(variables, images, labels, plan: BatchPlan, key, message=None, size=None):
     global_params = variables["params"]
-    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(plan.active.shape[0]))
+    num_slots = plan.active.shape[0]
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_slots))
 
     def body(carry, xs):
       idx, weight, active, k = xs
-      return step(carry, images, labels, global_params, idx, weight, active, k)
+      return step(carry, images, labels, global_params, idx, weight, active, k, message)
 
     (params, stats, _), losses = jax.lax.scan(
       body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys)
     )
     num_steps = jnp.sum(plan.active.astype(jnp.int32))
     metrics = {"loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}
-    return {"params": params, "batch_stats": stats}, metrics
+    local = {"params": params, "batch_stats": stats}
+    if algorithm.client_upload is not None:
+      n = images.shape[0] if size is None else size
+      valid = (jnp.arange(images.shape[0]) < n).astype(_float_dtype(params))
+      data = ClientData(images, labels, valid, jax.random.fold_in(key, num_slots))
+      metrics["upload"] = algorithm.client_upload(model_fn, variables, local, data, message)
+    return local, metrics
 
-  return LocalTrainer(step, init_carry, train)
+  return LocalTrainer(step, init_carry, train, model_fn)

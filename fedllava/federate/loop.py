@@ -133,15 +133,21 @@ def run(
   """
   d, fl = config.data, config.fl
   complete = is_complete(workdir, config)
-  data = federated.build(config)
+  algo = algorithms.create(fl)
+  data = federated.build(config, unlabeled=algo.server_data == "unlabeled")
   mesh = sharding.create_client_mesh(config.mesh.num_devices or None)
   model = resnet.create_model(config.model, data.num_classes)
   keys = _named_keys(config.seed)
   variables = model.init(keys["init"], jnp.zeros((1,) + data.images.shape[2:], jnp.float32))
   if init is not None and init.variables is not None:
     variables = start_from(variables, init.variables)
-  algo = algorithms.create(fl)
-  state = {"variables": variables, "server_state": algo.server_optimizer.init(variables["params"])}
+  server_key = rng.stream(config.seed, "federate/server")
+  state = {
+    "variables": variables,
+    "server_state": algorithms.base.init_server_state(
+      algo, variables, data.num_classes, server_key
+    ),
+  }
   repl = sharding.replicated(mesh)
   predict_fn = predict.create_predict_fn(model, data.norm.mean, data.norm.std, mesh)
 
@@ -209,14 +215,25 @@ def run(
   else:
     store = (data.images, data.labels)
     gather = lambda s, ids: jax.device_put((s[0][ids], s[1][ids]), cs)  # noqa: E731
+  server_images = None
+  if algo.server_data == "unlabeled":  # FedDF, FedBE: the images the long tail left out
+    server_images = jax.device_put(data.unlabeled_images(), repl)
   pad_to = sharding.pad_to_multiple(fl.clients_per_round, mesh)
   n_max = data.images.shape[1]
   param_dtype = jax.tree.leaves(state["variables"]["params"])[0].dtype
-  upload = rounds.upload_bytes(state["variables"])
+  uploads = rounds.upload_bytes_by_kind(
+    trainer, algo, state["variables"], data.images[0], state["server_state"]
+  )
+  upload = sum(uploads.values())
+  extra = ", ".join(
+    f"{v / 2**20:.3f} MiB of {k}" for k, v in uploads.items() if v and k != "parameters"
+  )
   print(
     f"[fl] {algo.name}: {fl.clients_per_round} of {fl.num_clients} clients per round, "
     f"{fl.local_epochs} local epochs, batch {fl.batch_size}; each client uploads "
-    f"{upload / 2**20:.2f} MiB of parameters + BN statistics per round; {mesh.size} device(s)"
+    f"{uploads['parameters'] / 2**20:.2f} MiB of parameters + BN statistics"
+    + (f" and {extra}" if extra else "")
+    + f" per round; {mesh.size} device(s)"
     + ("; aligned after every round" if after_round is not None else "")
   )
 
@@ -252,8 +269,12 @@ def run(
       plan=jax.device_put(inputs.plan, cs),
       keys=jax.device_put(inputs.keys, cs),
       weights=jax.device_put(inputs.weights.astype(param_dtype), cs),
+      sizes=jax.device_put(inputs.sizes, cs),
     )
-    variables, server_state, m = round_fn(state["variables"], state["server_state"], inputs)
+    server_inputs = {"data": server_images, "key": jax.random.fold_in(server_key, r)}
+    variables, server_state, m = round_fn(
+      state["variables"], state["server_state"], inputs, server_inputs
+    )
     if not bool(m["finite"]):
       _diverged(r + 1, variables, ckpt, writer)
     if after_round is not None:
@@ -265,11 +286,13 @@ def run(
       "train/loss": float(m["train/loss"]),
       "comm/upload_bytes_per_client": upload,
       "comm/upload_bytes_total": upload * len(selected),
+      **{f"comm/upload_bytes_per_client/{k}": v for k, v in uploads.items()},
+      **{k: float(v) for k, v in m.items() if k.startswith("server/")},
     }
     scalars["time/round_s"] = time.perf_counter() - t0
     last = r + 1 == fl.rounds
     if (r + 1) % config.eval.every == 0 or last:
-      final = test_report(variables)
+      final = test_report(algorithms.base.evaluated(algo, variables, server_state))
       scalars.update(
         {f"test/{k}": final[k] for k in ("top1", "many", "medium", "few") if final[k] is not None}
       )
@@ -288,7 +311,7 @@ def run(
   history = writer.history()
   writer.close()
   if final is None:  # resumed at the last round: evaluate the restored model
-    final = test_report(state["variables"])
+    final = test_report(algorithms.base.evaluated(algo, state["variables"], state["server_state"]))
   pool = {"train_pool_size": len(data.train), "d_align_held_out": len(data.align_indices)}
   out = _write_outputs(workdir, final, meta, history, data.test.class_names, pool)
   return StageResult(state["variables"], out)

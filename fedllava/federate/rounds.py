@@ -6,8 +6,8 @@ the chosen client-parallel strategy; the server update (an ``FLAlgorithm``) then
 over the client axis. A padding client (weight 0, no active steps) fills the client axis up
 to a multiple of the device count and changes nothing.
 
-Client-parallel strategies (identical results, different speed; DESIGN.md asks the GPU
-benchmark to pick): ``vmap`` (all local clients at once; per-client conv kernels lower to
+Client-parallel strategies (identical results, different speed; ``fl.client_parallelism``
+picks one, ``benchmarks/fl_round.py`` times each side by side): ``vmap`` (all local clients at once; per-client conv kernels lower to
 grouped convolutions), ``map`` (``lax.map``: one client after another), ``group``
 (``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group).
 """
@@ -37,26 +37,26 @@ class RoundInputs(NamedTuple):
   plan: client.BatchPlan  # idx/weight [M, S, B], active [M, S]
   keys: Any  # [M] PRNG keys (augmentation)
   weights: Any  # [M] float32, |D_k| / sum |D_k|, 0 for padding clients
+  sizes: Any = None  # [M] int32 |D_k| (0 for padding clients): what client_upload counts
 
 
 def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
   """Maps single-client ``train`` over a (device-local) client axis."""
 
-  def per_client(variables, images, labels, plan, keys):
-    f = lambda im, lb, pl, k: train(variables, im, lb, pl, k)  # noqa: E731
+  def per_client(variables, message, images, labels, plan, keys, sizes):
+    f = lambda im, lb, pl, k, n: train(variables, im, lb, pl, k, message, n)  # noqa: E731
+    xs = (images, labels, plan, keys, sizes)
     if strategy == "vmap":
-      return jax.vmap(f)(images, labels, plan, keys)
+      return jax.vmap(f)(*xs)
     if strategy == "map":
-      return jax.lax.map(lambda a: f(*a), (images, labels, plan, keys))
+      return jax.lax.map(lambda a: f(*a), xs)
     n = images.shape[0]
     g = min(group_size, n)
     if n % g:
       raise ValueError(
         f"config.fl.group_size={group_size} must divide the clients per device ({n})."
       )
-    grouped = jax.tree.map(
-      lambda x: x.reshape((n // g, g) + x.shape[1:]), (images, labels, plan, keys)
-    )
+    grouped = jax.tree.map(lambda x: x.reshape((n // g, g) + x.shape[1:]), xs)
     out = jax.lax.map(lambda a: jax.vmap(f)(*a), grouped)
     return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
@@ -70,12 +70,17 @@ def create_round_fn(
   strategy: str = "vmap",
   group_size: int = 1,
 ) -> Callable:
-  """Builds ``round_fn(variables, server_state, inputs) -> (variables, server_state, metrics)``.
+  """Builds ``round_fn(variables, server_state, inputs, server_inputs=None)
+  -> (variables, server_state, metrics)``, one jitted computation.
 
-  Local training: Eq. 3 on every sampled client. Aggregation: the algorithm's server update
-  on the parameters (FedAvg: ``w = sum_k |D_k| / sum |D_k| * w_k``, Eq. 4) and the same
-  weighted mean over BN running statistics (CReFF averages the whole state dict).
-  Only client *parameters and statistics* reach the server.
+  Local training: Eq. 3 on every sampled client (with the method's client loss and penalty;
+  its extra upload computed at the end of each client). Aggregation: the method's server
+  update on the parameters (FedAvg: ``w = sum_k |D_k| / sum |D_k| * w_k``, Eq. 4) and the same
+  weighted mean over BN running statistics (CReFF averages the whole state dict). Then the
+  method's server step, if any, on the aggregated model, the client models, the uploads and
+  ``server_inputs = {"data": server images or None, "key": this round's server key}``.
+  Only what the clients upload reaches the server: parameters, statistics and, for the
+  methods that declare them, per-class statistics or gradients (``client_upload``).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
@@ -83,36 +88,65 @@ def create_round_fn(
   clients_fn = jax.shard_map(
     _run_clients(trainer.train, strategy, group_size),
     mesh=mesh,
-    in_specs=(P(), P(c), P(c), P(c), P(c)),
+    in_specs=(P(), P(), P(c), P(c), P(c), P(c), P(c)),
     out_specs=P(c),
     check_vma=False,
   )
+  base = algorithms.base
 
-  def round_fn(variables, server_state, inputs: RoundInputs):
-    client_vars, m = clients_fn(variables, inputs.images, inputs.labels, inputs.plan, inputs.keys)
-    params, server_state = algorithms.server_update(
+  def round_fn(variables, server_state, inputs: RoundInputs, server_inputs):
+    opt_state, method_state = base.split_server_state(algorithm, server_state)
+    message = None if algorithm.message is None else algorithm.message(variables, method_state)
+    client_vars, m = clients_fn(
+      variables, message, inputs.images, inputs.labels, inputs.plan, inputs.keys, inputs.sizes
+    )
+    uploads = m.pop("upload", {})
+    params, opt_state = base.server_update(
       algorithm,
       variables["params"],
-      server_state,
+      opt_state,
       client_vars["params"],
       inputs.weights,
       m["num_steps"],
     )
-    stats = algorithms.base.weighted_mean(client_vars["batch_stats"], inputs.weights)
+    stats = base.weighted_mean(client_vars["batch_stats"], inputs.weights)
     new_vars = {"params": params, "batch_stats": stats}
     metrics = {
-      "finite": all_finite(new_vars),
       "train/loss": jnp.sum(inputs.weights * m["loss"]),
       "train/client_loss": m["loss"],
       "train/client_steps": m["num_steps"],
     }
+    if algorithm.server_step is not None:
+      ctx = base.ServerContext(
+        new_vars,
+        method_state,
+        client_vars,
+        uploads,
+        inputs.weights,
+        server_inputs["data"],
+        server_inputs["key"],
+      )
+      new_vars, method_state, server_metrics = algorithm.server_step(ctx, trainer.model_fn)
+      metrics.update({f"server/{k}": v for k, v in server_metrics.items()})
+    server_state = base.join_server_state(algorithm, opt_state, method_state)
+    metrics["finite"] = all_finite((new_vars, method_state))
     return new_vars, server_state, metrics
 
   repl = sharding.replicated(mesh)
   cs = sharding.client_sharding(mesh)
-  return jax.jit(
-    round_fn, in_shardings=(repl, repl, cs), out_shardings=(repl, repl, repl), donate_argnums=(0, 1)
+  jitted = jax.jit(
+    round_fn,
+    in_shardings=(repl, repl, cs, repl),
+    out_shardings=(repl, repl, repl),
+    donate_argnums=(0, 1),
   )
+
+  def run(variables, server_state, inputs: RoundInputs, server_inputs=None):
+    if server_inputs is None:
+      server_inputs = {"data": None, "key": None}
+    return jitted(variables, server_state, inputs, server_inputs)
+
+  return run
 
 
 def all_finite(tree: PyTree) -> jax.Array:
@@ -174,12 +208,49 @@ def build_round_inputs(
   n = np.asarray([sizes[c] for c in selected], np.float64)
   weights = np.zeros(pad_to, np.float64)
   weights[: len(selected)] = n / n.sum()
+  counts = np.zeros(pad_to, np.int32)
+  counts[: len(selected)] = n
   plan = client.BatchPlan(*(np.stack(x) for x in zip(*plans)))
   round_key = jax.random.fold_in(aug_key, round_index)
   keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.asarray(ids))
-  return RoundInputs(None, None, plan, keys, weights), np.asarray(ids)
+  return RoundInputs(None, None, plan, keys, weights, counts), np.asarray(ids)
 
 
 def upload_bytes(variables: PyTree) -> int:
-  """Bytes one client uploads per round: its parameters and BN statistics, nothing else."""
+  """Bytes of a tree (one client's parameters and BN statistics: what every method uploads)."""
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables)))
+
+
+def upload_bytes_by_kind(
+  trainer: client.LocalTrainer, algorithm, variables: PyTree, client_images, server_state
+) -> dict:
+  """Bytes one client uploads per round, by kind: ``parameters`` (with BN statistics), and the
+  method's ``statistics`` / ``gradients`` (shapes from ``jax.eval_shape``: nothing runs).
+
+  Args:
+    client_images: one client's padded images ``[N_max, H, W, C]`` (or their shape struct).
+  """
+  out = {"parameters": upload_bytes(variables), "statistics": 0, "gradients": 0}
+  if algorithm.client_upload is None:
+    return out
+  base = algorithms.base
+  n = client_images.shape[0]
+  method_state = base.split_server_state(algorithm, server_state)[1]
+  message = None if algorithm.message is None else algorithm.message(variables, method_state)
+  data = base.ClientData(
+    jax.ShapeDtypeStruct(client_images.shape, client_images.dtype),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
+    jax.ShapeDtypeStruct((n,), jnp.float32),
+    jax.random.PRNGKey(0),
+  )
+  shapes = jax.eval_shape(
+    lambda v, d, msg: algorithm.client_upload(trainer.model_fn, v, v, d, msg),
+    variables,
+    data,
+    message,
+  )
+  for kind, tree in shapes.items():
+    if kind not in base.UPLOAD_KINDS:
+      raise ValueError(f"{algorithm.name}: upload kind {kind!r} is not one of {base.UPLOAD_KINDS}")
+    out[kind] += upload_bytes(tree)
+  return out

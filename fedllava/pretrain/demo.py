@@ -47,29 +47,56 @@ def _texts() -> list[str]:
   return out
 
 
-def build_tokenizer():
-  """A word-level fast tokenizer over the prompts' and captions' words (+ <image>, <pad>)."""
+def vocabulary(texts, pre_tokenizer, specials=SPECIALS) -> list[str]:
+  """``specials`` then, sorted, every piece ``pre_tokenizer`` cuts from ``texts`` (each text also
+  stripped; the image placeholder is a separator, never a word)."""
+  words = set()
+  for text in texts:
+    for piece in text.replace(conv_lib.IMAGE, "|").split("|"):
+      words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(piece))
+      words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(piece.strip()))
+  return list(specials) + sorted(words - set(specials))
+
+
+def word_level_tokenizer(tokens, pre_tokenizer=None, *, bos: bool = True):
+  """A fast word-level tokenizer (LLaMA's special-token layout) over ``tokens`` in id order.
+
+  The one builder of the tiny tokenizers that the demo teacher and the tests use.
+
+  Args:
+    tokens: the vocabulary, token ``i`` has id ``i``; it must hold ``<unk>``, ``<s>``, ``</s>``
+      (and ``<pad>`` / the image placeholder when present they become the pad and an added
+      special token).
+    pre_tokenizer: a ``tokenizers`` pre-tokenizer (default: LLaMA-like, a space joins the
+      following word).
+    bos: prepend ``<s>`` to every encoding, as LLaMA's tokenizer does.
+  """
   from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast
 
-  pre = pre_tokenizers.Split(Regex(_SPLIT), "isolated")
-  words = set()
-  for text in _texts():
-    for piece in text.replace(conv_lib.IMAGE, "|").split("|"):
-      words.update(w for w, _ in pre.pre_tokenize_str(piece))
-      words.update(w for w, _ in pre.pre_tokenize_str(piece.strip()))
-  vocab = {w: i for i, w in enumerate(list(SPECIALS) + sorted(words - set(SPECIALS)))}
+  vocab = {w: i for i, w in enumerate(tokens)}
   t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  t.pre_tokenizer = pre
-  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  t.pre_tokenizer = pre_tokenizer or pre_tokenizers.Split(Regex(_SPLIT), "isolated")
+  if bos:
+    t.post_processor = processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+  extra = {}
+  if "<pad>" in vocab:
+    extra["pad_token"] = "<pad>"
+  if conv_lib.IMAGE in vocab:
+    extra["additional_special_tokens"] = [conv_lib.IMAGE]
   return PreTrainedTokenizerFast(
-    tokenizer_object=t,
-    unk_token="<unk>",
-    bos_token="<s>",
-    eos_token="</s>",
-    pad_token="<pad>",
-    additional_special_tokens=[conv_lib.IMAGE],
+    tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
   )
+
+
+def build_tokenizer():
+  """A word-level fast tokenizer over the prompts' and captions' words (+ <image>, <pad>)."""
+  from tokenizers import Regex, pre_tokenizers
+
+  pre = pre_tokenizers.Split(Regex(_SPLIT), "isolated")
+  return word_level_tokenizer(vocabulary(_texts(), pre), pre)
 
 
 def build_teacher(seed: int):

@@ -54,15 +54,12 @@ FROZEN_FL_PARTS = ("classifier",)  # ResNet params not in g_fl: no gradient, no 
 
 
 # ---- the a(t) schedule ----
-def alpha_schedule(step, ramp_steps: int):
-  """a(t) = 0.5 (1 - cos(pi t / T_ramp)) for t < T_ramp, else 1 (jnp; traceable in ``step``)."""
-  t = jnp.asarray(step, jnp.float32)
-  ramp = max(int(ramp_steps), 1)
-  return jnp.where(t < ramp_steps, 0.5 * (1.0 - jnp.cos(jnp.pi * t / ramp)), 1.0)
-
-
 def alpha_value(step: int, ramp_steps: int) -> float:
-  """``alpha_schedule`` as a Python float (host side: it picks the compiled step variant)."""
+  """a(t) = 0.5 (1 - cos(pi t / T_ramp)) for t < T_ramp, else 1 (Sec. 3.1; DESIGN.md, stage 1).
+
+  A Python float computed on the host: it is a step's argument, and a = 1 picks the compiled
+  step variant that skips CLIP (its weight is zero).
+  """
   if step >= ramp_steps:
     return 1.0
   return 0.5 * (1.0 - math.cos(math.pi * step / ramp_steps))
