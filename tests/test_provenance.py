@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_digits
 
 from fedllava import main, provenance
@@ -127,3 +128,16 @@ def test_more_rounds_rerun_alignment_and_an_align_field_reruns_stage_3_alone(tmp
   last = _log(w)[-1]
   assert last["stage"] == "align" and "align.epochs: 1 -> 2" in last["redone"]
   assert len(os.listdir(tmp_path / "w" / "superseded")) == 2
+
+
+def test_the_fix_a_stage_3_error_suggests_is_accepted_and_reuses_stage_2(tmp_path):
+  """Mutation caught: the rerun with the suggested fix refused as "a different config" (the
+  whole-config guard), or stage 2 rerun for a field of stage 3."""
+  w = str(tmp_path)
+  with pytest.raises(FloatingPointError, match="config.align.learning_rate"):
+    main.run(_tiny(2, **{"align.learning_rate": 1e30, "align.params": "all"}), w)
+  federate_files = _mtimes(tmp_path / "federate")
+  fixed = main.run(_tiny(2, **{"align.learning_rate": 0.05, "align.params": "all"}), w)
+  assert _mtimes(tmp_path / "federate") == federate_files
+  assert np.isfinite(fixed["align"].report["final"]["top1"])
+  assert "align.learning_rate" in _log(w)[-1]["redone"]
