@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedllava import supervised
 from fedllava.data.augment import augment, normalize
 
 PyTree = Any
@@ -112,8 +113,7 @@ def create_local_trainer(
     out, new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mask=w, mutable=["batch_stats"]
     )
-    ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], y)
-    loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0)
+    loss = supervised.masked_cross_entropy(out["logits"], y, w)
     loss = loss + algorithm.local_penalty(params, global_params)
     return loss, new_vars["batch_stats"]
 
