@@ -124,3 +124,15 @@ def validate(config) -> None:
       f"config.mesh.num_devices={n} but only {jax.device_count()} devices are visible; "
       "lower it or leave it 0 to use all."
     )
+
+
+def server_device() -> jax.Device:
+  """The one device that runs the server's small computations (stage 3 on D_align).
+
+  D_align is a few images per class and alignment is a short sequential loop of small batches:
+  splitting such a batch over the mesh would spend more on communication than on compute, and
+  replicating it would repeat the same work on every device. So it runs on this process's first
+  local device (on several hosts every process runs the same computation on its own first device,
+  which keeps the aligned model identical everywhere); callers put the result back on the mesh.
+  """
+  return jax.local_devices()[0]

@@ -8,7 +8,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_ROOMS = {
   "federate": "fedllava/federate",
-  "align": "fedllava/align.py",
+  "align": "fedllava/align",
   "pretrain": "fedllava/pretrain",
 }
 

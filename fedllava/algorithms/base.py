@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedllava import supervised
+
 PyTree = Any
 UPLOAD_KINDS = ("statistics", "gradients")
 
@@ -83,16 +85,13 @@ def no_penalty(params: PyTree, global_params: PyTree) -> jax.Array:
   return jnp.zeros((), jnp.float32)
 
 
-def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-  """``sum_i w_i v_i / max(sum_i w_i, 1)``: the mean over a batch's real examples."""
-  return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1.0)
+masked_mean = supervised.weighted_mean  # sum_i w_i v_i / max(sum_i w_i, 1)
 
 
 def cross_entropy(outputs: dict, labels: jax.Array, weights: jax.Array, message=None):
   """FedAvg's local loss: the cross-entropy averaged over the batch's real examples."""
   del message
-  ce = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], labels)
-  return masked_mean(ce, weights)
+  return supervised.masked_cross_entropy(outputs["logits"], labels, weights)
 
 
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:

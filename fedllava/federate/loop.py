@@ -27,12 +27,11 @@ from fedllava import (
   algorithms,
   checkpoint,
   errors,
-  evaluate,
   metrics,
-  predict,
   report,
   rng,
   sharding,
+  supervised,
 )
 from fedllava.data import federated, partition
 from fedllava.federate import client, rounds
@@ -149,15 +148,9 @@ def run(
     ),
   }
   repl = sharding.replicated(mesh)
-  predict_fn = predict.create_predict_fn(model, data.norm.mean, data.norm.std, mesh)
-
-  def test_report(variables):
-    preds = predict.predict_all(
-      predict_fn, variables, data.test.images, config.eval.batch_size, mesh
-    )
-    return evaluate.classification_report(
-      data.test.labels, preds, data.num_classes, data.class_counts
-    )
+  test_report = supervised.create_test_evaluator(
+    model, data.norm, data.test, mesh, config.eval.batch_size, data.num_classes, data.class_counts
+  )
 
   ckpt = checkpoint.Checkpointer(
     os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep

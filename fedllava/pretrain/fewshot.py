@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedllava import errors, fileio, predict, rng, sharding
-from fedllava.data import augment, sources
+from fedllava import errors, fileio, predict, rng, sharding, supervised
+from fedllava.data import sources
 
 COLUMNS = ("Dataset", "Initialization")
 ROWS = ("w/ Pretraining", "w/o Pretraining")
@@ -56,38 +56,32 @@ def subset_indices(labels, fraction: float, num_classes: int, seed: int) -> np.n
 
 def create_epoch_fn(model, num_examples: int, f, mean, std, crop_padding: int, flip: bool):
   """Jitted ``epoch(params, stats, opt, images, labels, key) -> (params, stats, opt, loss)``:
-  one shuffled pass in batches (the last padded with weight-0 rows), SGD with momentum."""
-  n, b = int(num_examples), min(int(f.batch_size), int(num_examples))
-  steps = -(-n // b)
+  one shuffled pass in batches (the last padded with weight-0 rows), SGD with momentum, on
+  ``supervised.create_epoch_loop`` with its masked cross-entropy and train-mode BN.
+
+    ``L = sum_i w_i CE(y_i, p_i) / max(sum_i w_i, 1)``"""
   tx = optax.sgd(f.learning_rate, momentum=f.momentum or None)
 
-  def loss_fn(params, stats, x, y, w):
+  def loss_fn(params, stats, x, y, w, _):
     out, new = model.apply(
       {"params": params, "batch_stats": stats}, x, train=True, mask=w, mutable=["batch_stats"]
     )
-    logp = jax.nn.log_softmax(out["logits"], axis=-1)
-    ce = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-    return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0), new["batch_stats"]
+    return supervised.masked_cross_entropy(out["logits"], y, w), (new["batch_stats"], ())
+
+  train = supervised.create_epoch_loop(
+    loss_fn,
+    tx,
+    num_examples=num_examples,
+    batch_size=f.batch_size,
+    mean=mean,
+    std=std,
+    crop_padding=crop_padding,
+    flip=flip,
+    dtype=jnp.float32,
+  )
 
   def epoch(params, stats, opt, images, labels, key):
-    k_plan, k_aug = jax.random.split(key)
-    idx = jnp.concatenate([jax.random.permutation(k_plan, n), jnp.zeros(steps * b - n, jnp.int32)])
-    w = (jnp.arange(steps * b) < n).astype(jnp.float32)
-    idx, w = idx.reshape(steps, b), w.reshape(steps, b)
-
-    def body(carry, xs):
-      params, stats, opt = carry
-      i, wi, k = xs
-      x = augment.augment(augment.normalize(images[i], mean, std), k, crop_padding, flip, False)
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, stats, x, labels[i], wi
-      )
-      updates, opt = tx.update(grads, opt, params)
-      return (optax.apply_updates(params, updates), stats, opt), loss
-
-    (params, stats, opt), losses = jax.lax.scan(
-      body, (params, stats, opt), (idx, w, jax.random.split(k_aug, steps))
-    )
+    (params, stats, opt), (losses, _) = train(params, stats, opt, images, labels, key)
     return params, stats, opt, jnp.mean(losses)
 
   return jax.jit(epoch), tx
