@@ -179,7 +179,7 @@ def legacy_key(stage: str, config_json: Optional[dict]) -> Optional[dict]:
   """The key of a stage directory written before stage records existed, from ``config.json``."""
   if config_json is None:
     return None
-  from ml_collections import ConfigDict  # noqa: PLC0415
+  from ml_collections import ConfigDict
 
   try:
     return {"fields": fields(ConfigDict(config_json), stage)}
@@ -239,6 +239,6 @@ def saved_config(workdir: str) -> Optional[dict]:
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
+    from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)

@@ -83,11 +83,6 @@ def validate(config) -> None:
       "stage 'align' needs D_align: set config.align.per_class >= 1 (images held out per "
       "class) or config.align.data_dir (a folder of labelled images)."
     )
-  if "federate" not in stages or stages.index("federate") > stages.index("align"):
-    raise errors.ConfigError(
-      f"config.stages={config.stages!r}: 'align' aligns stage 2's model, so 'federate' must "
-      "come before it."
-    )
 
 
 def _looks_like_path(name: str) -> bool:

@@ -52,7 +52,7 @@ def class_names(config, num_classes: int) -> list[str]:
   if len(names) != num_classes:
     raise errors.ConfigError(
       f"config.data.name={config.data.name!r} has {num_classes} classes but "
-      f"{len(names)} readable class names; fedllava/data/classnames.py does not match it."
+      f"{len(names)} readable class names; its spec in fedllava/data/registry.py does not match."
     )
   return names
 
@@ -113,7 +113,7 @@ def zero_shot_q(config, dset: AlignSet, names, cache_dir: str, load_teacher=None
     if q is not None:
       return q
   if load_teacher is None:
-    from fedllava.models import clip  # noqa: PLC0415 (transformers only when a teacher is used)
+    from fedllava.models import clip  # transformers only when a teacher is used
 
     load_teacher = clip.ClipTeacher.load
   try:

@@ -1292,7 +1292,7 @@ def _canonical(dataset: str) -> str:
 def _named() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
   """{canonical name: class names} of the registered data sets that have readable names;
   ``(canonical alias, canonical name)`` pairs resolve aliases."""
-  from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+  from fedllava.data import registry  # registry imports this module
 
   named, aliases = {}, {}
   for spec in registry.specs():

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from fedllava import errors
-from fedllava.data import classnames, federated
+from fedllava.data import classnames, federated, registry
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -69,7 +69,7 @@ def _folder_images(root: str, index: dict) -> list:
 def _read_image(rel: str, path: str, image_shape=None) -> Optional[np.ndarray]:
   """Decodes one D_align image (resized to ``image_shape`` if given); an unreadable one, a
   decompression bomb included, is a ``ValueError`` naming it: dropping it would change D_align."""
-  from PIL import Image  # noqa: PLC0415 (only for a user folder)
+  from PIL import Image  # only for a user folder
 
   try:
     with Image.open(path) as im:
@@ -116,10 +116,11 @@ def load_folder(root: str, class_names, image_shape, *, index=None) -> AlignSet:
 def _label_strings(config) -> tuple:
   """The data set's own label strings (TFDS: the builder's metadata), without its images."""
   d = config.data
-  if d.name in ("cifar10", "cifar100", "imagenet_lt"):
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (only for a TFDS data set)
+  spec = registry.get(d.name)
+  if spec.tfds_name:
+    import tensorflow_datasets as tfds  # only for a TFDS data set
 
-    builder = tfds.builder(d.name, data_dir=d.data_dir or None, file_format="array_record")
+    builder = tfds.builder(spec.tfds_name, data_dir=d.data_dir or None, file_format="array_record")
     return tuple(builder.info.features["label"].names or ())
   return federated._load(config, "test").class_names or ()  # digits, synthetic: cheap
 

@@ -79,7 +79,7 @@ class _StatsView(Mapping):
   """``{name: Normalization}`` of every registered data set, read from the registry."""
 
   def _specs(self):
-    from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+    from fedllava.data import registry  # registry imports this module
 
     return {s.name: s.normalization for s in registry.specs()}
 
@@ -238,8 +238,8 @@ def tfds_data_dir(data_dir: str | None) -> str:
 def reachable(host: str, timeout: float = 3.0) -> bool:
   """Whether ``host`` resolves and accepts a connection on port 443 within ``timeout`` seconds
   (the DNS look-up runs in a thread, since ``getaddrinfo`` has no timeout of its own)."""
-  import socket  # noqa: PLC0415
-  import threading  # noqa: PLC0415
+  import socket
+  import threading
 
   found = []
 
@@ -264,13 +264,13 @@ def check_available(name: str, data_dir: str | None, download: bool) -> None:
     errors.MissingInputError: naming the directory searched, the command that prepares it on
       a machine with network, and the field and variable that point the run at it.
   """
-  from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+  from fedllava.data import registry  # registry imports this module
 
   spec = registry.find(name)
   # digits, synthetic: shipped; imagenet_lt: the manual check; others: their spec's download host
   if spec is None or spec.download_host is None:
     return
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds
 
   where = tfds_data_dir(data_dir)
   if tfds.builder(name, data_dir=where, file_format="array_record").is_prepared():
@@ -391,7 +391,7 @@ def load_dataset(
     ValueError: unknown name or split. FileNotFoundError: ImageNet-LT manual files missing;
     ``errors.MissingInputError``: CIFAR neither prepared nor downloadable.
   """
-  from fedllava.data import registry  # noqa: PLC0415 (registry imports this module)
+  from fedllava.data import registry  # registry imports this module
 
   options = registry.LoadOptions(
     data_dir=data_dir,

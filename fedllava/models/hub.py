@@ -20,7 +20,7 @@ def check_hub_teacher(name: str, field: str) -> None:
   """
   if os.path.isdir(name):
     return
-  from huggingface_hub import constants, snapshot_download  # noqa: PLC0415
+  from huggingface_hub import constants, snapshot_download
 
   try:
     snapshot_download(name, local_files_only=True)

@@ -364,8 +364,8 @@ def run(config, workdir: str, init=None, *, started=None):
     ``StageResult(None, report, outputs={"annotations": path, "image_dir": folder})`` (demo:
     also ``"pretrain_data"``).
   """
-  from fedllava.pretrain import demo, teacher  # noqa: PLC0415
-  from fedllava.stage import StageResult  # noqa: PLC0415
+  from fedllava.pretrain import demo, teacher
+  from fedllava.stage import StageResult
 
   p, a = config.pretrain, config.pretrain.annotate
   kinds = prompts.check_kinds([k for k in a.kinds.split(",") if k])

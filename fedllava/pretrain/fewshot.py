@@ -156,9 +156,9 @@ def save_figure(curves: dict, path: str, title: str) -> None:
 
 def run(config, pretrained: str, workdir: str | None = None) -> dict:
   """Runs the ablation from the pretrain run in ``pretrained``; returns the summary dict."""
-  from fedllava.models import resnet  # noqa: PLC0415
-  from fedllava.pretrain import demo, train  # noqa: PLC0415
-  from fedllava.stage import start_from  # noqa: PLC0415 (the stages' handoff)
+  from fedllava.models import resnet
+  from fedllava.pretrain import demo, train
+  from fedllava.stage import start_from  # the stages' handoff
 
   f, d = config.pretrain.fewshot, config.data
   workdir = workdir or os.path.join(pretrained, "fewshot")
@@ -216,7 +216,7 @@ def run(config, pretrained: str, workdir: str | None = None) -> dict:
 
 
 def main(argv):
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
   del argv
   cfg = flags.FLAGS.config

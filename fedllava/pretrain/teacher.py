@@ -35,7 +35,7 @@ def resolve_teacher(name: str, field: str = "config.pretrain.teacher") -> str:
       "model.safetensors or its shards); set it to one."
     )
   try:
-    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     return snapshot_download(name, allow_patterns=patterns)
@@ -58,7 +58,7 @@ def load_checkpoint(config, path: str, **load_kwargs):
   Raises:
     errors.ConfigError: the checkpoint or tokenizer cannot be loaded, naming the field.
   """
-  from fedllava.models import convert  # noqa: PLC0415 (transformers only when a stage runs)
+  from fedllava.models import convert  # transformers only when a stage runs
 
   p = config.pretrain
   try:
@@ -76,7 +76,7 @@ def load_sharded(config, workdir: str, mesh):
 
   ``random-tiny`` is written into ``workdir/teacher`` first (``demo.write_teacher``).
   """
-  from fedllava.pretrain import demo  # noqa: PLC0415
+  from fedllava.pretrain import demo
 
   p = config.pretrain
   if p.teacher == demo.RANDOM_TINY:

@@ -106,7 +106,7 @@ def _plan(config, num_records: int) -> dict:
 
 def _records(config, init):
   """(validated records, image root, source JSON) of the pretraining data."""
-  from fedllava.data.llava import format_report, read_conversations  # noqa: PLC0415
+  from fedllava.data.llava import format_report, read_conversations
 
   p = config.pretrain
   outputs = init.outputs if init is not None else {}
@@ -165,9 +165,9 @@ def run(
     ``StageResult({"params", "batch_stats"} of g_fl, report)``; the report says how much
     pretraining ran (steps, epochs, images seen, fraction of the paper's 4 x 595K).
   """
-  from fedllava.data.llava import make_loader  # noqa: PLC0415
-  from fedllava.models import clip as clip_lib  # noqa: PLC0415
-  from fedllava.pretrain import demo  # noqa: PLC0415
+  from fedllava.data.llava import make_loader
+  from fedllava.models import clip as clip_lib
+  from fedllava.pretrain import demo
 
   p = config.pretrain
   if p.demo:
@@ -337,7 +337,7 @@ def run(
 
 
 def _report(config, plan, images_seen, num_records, source, bad, history) -> dict:
-  from fedllava.pretrain import demo  # noqa: PLC0415
+  from fedllava.pretrain import demo
 
   p = config.pretrain
   losses = [r["train/loss"] for r in history if "train/loss" in r]
