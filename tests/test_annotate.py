@@ -16,7 +16,7 @@ from fedllava.models.clip import CLIP_MEAN, CLIP_STD
 from fedllava.models.llava import LlavaModel
 from fedllava.models.llava_configs import llava_config
 from fedllava.pretrain import demo, prompts
-from fedllava.pretrain.annotate import annotate_folder, decode_answer, list_images
+from fedllava.pretrain.annotator import annotate_folder, decode_answer, list_images
 
 jax.config.update("jax_default_matmul_precision", "highest")
 CFG = llava_config("test")  # vocabulary 64, <image> = 60, 28 px images -> 4 image tokens

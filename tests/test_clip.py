@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_clip_config, write_clip_tokenizer_files
 
 from fedllava.data import classnames as cn
-from fedllava.models import clip
+from fedllava.models import clip, clip_loading
 
 IMAGE, PATCH, WIDTH, PROJ, CONTEXT = 16, 4, 32, 16, 40
 CLASSES = ["cat", "dog", "the ship"]
@@ -60,7 +60,7 @@ def test_grid_features_match_torch(pt_ckpt):
   import torch
 
   d, pt = pt_ckpt
-  model, params = clip.load_clip(str(d))
+  model, params = clip_loading.load_clip(str(d))
   x = _pixels()
   got = jax.jit(lambda p, x: clip.grid_features(model, p, x))(params, x)
   with torch.no_grad():
@@ -127,7 +127,7 @@ def test_bin_and_sharded_weights_load_the_same(pt_ckpt, tmp_path):
   import shutil
 
   d, pt = pt_ckpt
-  _, ref = clip.load_clip(str(d))
+  _, ref = clip_loading.load_clip(str(d))
   flat_ref = jax.tree_util.tree_leaves_with_path(ref)
   for name, kwargs in [
     ("bin", dict(safe_serialization=False)),
@@ -137,7 +137,7 @@ def test_bin_and_sharded_weights_load_the_same(pt_ckpt, tmp_path):
     pt.save_pretrained(out, **kwargs)
     if name == "sharded":
       assert (out / "model.safetensors.index.json").exists()
-    _, params = clip.load_clip(str(out))
+    _, params = clip_loading.load_clip(str(out))
     got = dict(jax.tree_util.tree_leaves_with_path(params))
     assert len(got) == len(flat_ref)
     for path, value in flat_ref:
@@ -167,9 +167,9 @@ def test_vision_only_checkpoint(pt_ckpt, tmp_path):
 
 def test_bfloat16_load(pt_ckpt):
   d, _ = pt_ckpt
-  model, params = clip.load_clip(str(d), dtype=jnp.bfloat16)
+  model, params = clip_loading.load_clip(str(d), dtype=jnp.bfloat16)
   assert all(v.dtype == jnp.bfloat16 for v in jax.tree_util.tree_leaves(params))
-  _, params32 = clip.load_clip(str(d))
+  _, params32 = clip_loading.load_clip(str(d))
   x = _pixels()
   got = clip.grid_features(model, params, x)
   assert got.dtype == jnp.bfloat16
@@ -192,7 +192,7 @@ def test_flax_directory_loads(tmp_path):
   )
   flax_model.save_pretrained(tmp_path, params=ref)
   assert (tmp_path / "flax_model.msgpack").exists()
-  model, params = clip.load_clip(str(tmp_path))
+  model, params = clip_loading.load_clip(str(tmp_path))
   assert isinstance(model, FlaxCLIPModel)
   want = dict(jax.tree_util.tree_leaves_with_path(ref))
   got = dict(jax.tree_util.tree_leaves_with_path(params))
@@ -205,23 +205,23 @@ def test_bad_directories(tmp_path):
   from transformers import CLIPConfig
 
   with pytest.raises(ValueError, match="no config.json"):
-    clip.load_clip(str(tmp_path))
+    clip_loading.load_clip(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
   with pytest.raises(ValueError, match=r"model_type='llama'.*clip"):
-    clip.load_clip(str(tmp_path))
+    clip_loading.load_clip(str(tmp_path))
   CLIPConfig().to_json_file(tmp_path / "config.json")
   with pytest.raises(ValueError, match="no weights"):
-    clip.load_clip(str(tmp_path))
+    clip_loading.load_clip(str(tmp_path))
   with pytest.raises(ValueError, match="not a directory"):
-    clip.load_clip(str(tmp_path / "missing"))
+    clip_loading.load_clip(str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="not a directory"):
-    clip.load_clip(str(tmp_path / "config.json"))
+    clip_loading.load_clip(str(tmp_path / "config.json"))
 
 
 def test_missing_hub_name_offline():
   # conftest sets HF_HUB_OFFLINE=1: an uncached hub name fails with a message, not a download.
   with pytest.raises(ValueError, match="no config.json found.*hub"):
-    clip.load_clip("nonexistent-org/nonexistent-clip")
+    clip_loading.load_clip("nonexistent-org/nonexistent-clip")
 
 
 def test_bin_weights_without_torch(tmp_path, monkeypatch):
@@ -233,7 +233,7 @@ def test_bin_weights_without_torch(tmp_path, monkeypatch):
   (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
   with pytest.raises(ImportError, match="needs torch"):
-    clip.load_clip(str(tmp_path))
+    clip_loading.load_clip(str(tmp_path))
 
 
 def test_preprocess_shapes_identity_and_jit():

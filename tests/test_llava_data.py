@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedllava.data import llava
+from fedllava.data import llava, llava_loader
 from fedllava.data.sources import resize_center_crop
 from fedllava.pretrain import demo
 
@@ -171,7 +171,7 @@ def _loader(records, root, tok, **kw):
     template="plain", max_length=16, batch_size=2, image_size=12, num_image_tokens=N_IMG, seed=3
   )
   args.update(kw)
-  return llava.make_loader(records, root, tok, **args)
+  return llava_loader.make_loader(records, root, tok, **args)
 
 
 @pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
@@ -328,7 +328,7 @@ def test_images_match_clip_processor_and_fl_resize(tmp_path):
 
   path = tmp_path / "x.png"
   _save_image(path, size=(53, 37), seed=5)
-  out = llava.load_image(str(path), image_size=20, fl_image_size=8)
+  out = llava_loader.load_image(str(path), image_size=20, fl_image_size=8)
   proc = CLIPImageProcessor(
     size={"shortest_edge": 20}, crop_size={"height": 20, "width": 20}, do_rescale=False
   )
@@ -338,8 +338,8 @@ def test_images_match_clip_processor_and_fl_resize(tmp_path):
   np.testing.assert_array_equal(
     out["fl_images"], resize_center_crop(np.asarray(Image.open(path)), 8)
   )
-  square = llava.load_image(str(path), image_size=53, pad_to_square=True)["images"]
-  assert (square[:8] == [int(255 * m) for m in llava._CLIP_MEAN]).all()
+  square = llava_loader.load_image(str(path), image_size=53, pad_to_square=True)["images"]
+  assert (square[:8] == [int(255 * m) for m in llava_loader._CLIP_MEAN]).all()
 
 
 def test_deterministic_epochs_and_resume(tokenizer, chat_set):
@@ -386,7 +386,7 @@ def test_decompression_bomb_is_skipped_and_reported(tokenizer, plain_set, monkey
   records, _ = llava.read_conversations(json_path, root)
   Image.new("L", (120, 120)).save(os.path.join(root, "c2.png"))  # 14400 pixels
   with pytest.raises(Image.DecompressionBombError):
-    llava.load_image(os.path.join(root, "c2.png"), 12)
+    llava_loader.load_image(os.path.join(root, "c2.png"), 12)
   loader = _loader(records, root, tokenizer, batch_size=5, shuffle=False)
   (batch,) = list(loader)
   assert batch["valid"].tolist() == [True, True, False, True, True]

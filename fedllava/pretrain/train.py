@@ -12,7 +12,7 @@ mesh axis; the batch is split over the same axis; per-layer remat of the LLM is 
 
 Data: the previous stage's annotations (``init.outputs``) or ``pretrain.data_json`` +
 ``pretrain.image_dir`` (LLaVA's ``blip_laion_cc_sbu_558k.json`` / CC-595K ``chat.json``), read and
-checked by ``data/llava.py``, batched by grain with fixed shapes.
+checked by ``data/llava.py``, batched by grain with fixed shapes (``data/llava_loader.py``).
 
 Writes under its stage directory: ``checkpoints/`` (orbax, every ``checkpoint_every`` steps and the
 last), ``metrics.jsonl`` (train/loss, train/alpha, train/grad_norm, perf/images_per_s, perf/mfu
@@ -165,7 +165,7 @@ def run(
     ``StageResult({"params", "batch_stats"} of g_fl, report)``; the report says how much
     pretraining ran (steps, epochs, images seen, fraction of the paper's 4 x 595K).
   """
-  from fedllava.data.llava import make_loader
+  from fedllava.data.llava_loader import make_loader
   from fedllava.models import clip as clip_lib
   from fedllava.pretrain import demo
 
