@@ -108,6 +108,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.taunorm = ml_collections.ConfigDict()  # Kang et al. 2020 (evaluation only)
   c.fl.taunorm.tau = 1.0
   c.fl.taunorm.keep_bias = False  # the authors' code drops the bias
+  # FedDF, Lin et al. 2020 (epfml/federated-learning-public-code, FedDF-code).
+  c.fl.feddf = ml_collections.ConfigDict()
+  # A fixed budget: the code runs <= 10^4 steps with early stopping on a validation split the
+  # FL protocol lacks; 1000 = the code's early-stopping patience (early_stopping_server_batches).
+  c.fl.feddf.steps = 1000
+  c.fl.feddf.batch_size = 128  # noise_knowledge_transfer.py aggregate(): batch_size=128
+  c.fl.feddf.learning_rate = 1e-3  # Adam, cosine-annealed over the steps (the code's)
+  c.fl.feddf.temperature = 1.0  # KL_temperature=1 (the code's default)
+  c.fl.feddf.clip_norm = 5.0  # clip_grad_norm_(student, 5) in update_student
+  # "unlabeled": the training images the long tail leaves out (held by no client, never the test
+  # set), without labels; the paper uses other data sets (CIFAR-100, ImageNet32) instead.
+  c.fl.feddf.server_data = "unlabeled"
+  # FedBE, Chen & Chao 2021 (hongyouc/FedBE: utils/options.py, models/Update.py).
+  c.fl.fedbe = ml_collections.ConfigDict()
+  c.fl.fedbe.num_samples = 10  # --num_sample_teacher: models drawn from the Gaussian
+  c.fl.fedbe.epochs = 20  # --server_ep: passes over the server data per round
+  c.fl.fedbe.batch_size = 128  # --server_bs
+  c.fl.fedbe.learning_rate = 1e-3  # set_opt: SGD lr 1e-3, momentum 0.9, weight decay 1e-5
+  c.fl.fedbe.momentum = 0.9
+  c.fl.fedbe.weight_decay = 1e-5
+  c.fl.fedbe.swa_start = 500  # set_opt: SWA(swa_start=500, swa_freq=25)
+  c.fl.fedbe.swa_every = 25  # 0 turns SWA off
+  c.fl.fedbe.var_scale = 1.0  # the paper's Gaussian (the code: 0.1 on normalised updates)
+  c.fl.fedbe.server_data = "unlabeled"  # as fl.feddf.server_data
 
   # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
   # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.

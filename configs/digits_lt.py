@@ -69,6 +69,13 @@ def get_config(arg=None):
     c.fl.local_epochs = 1
     c.align.epochs = 1
     c.checkpoint.every = 1
+    c.fl.feddf.steps = 3  # server distillation at CI size
+    c.fl.feddf.batch_size = 16
+    c.fl.fedbe.num_samples = 2
+    c.fl.fedbe.epochs = 1
+    c.fl.fedbe.batch_size = 64
+    c.fl.fedbe.swa_start = 1
+    c.fl.fedbe.swa_every = 2
   if a.pretrain_demo:
     c.name = "digits_lt_pretrain_demo"
     c.stages = "annotate,pretrain,federate,align"

@@ -44,7 +44,9 @@ def _round(algo, strategy, dtype="float64"):
   _, trainer, variables, inputs = _setup(algo, dtype)
   state = base.init_server_state(algo, variables, 3, jax.random.PRNGKey(2))
   fn = rounds.create_round_fn(trainer, algo, sharding.create_client_mesh(1), strategy)
-  server = {"data": None, "key": jax.random.PRNGKey(3)}
+  pool = np.random.default_rng(5).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+  data = jnp.asarray(pool) if algo.server_data == "unlabeled" else None
+  server = {"data": data, "key": jax.random.PRNGKey(3)}
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 (the round donates its inputs)
   return fn(copy(variables), copy(state), inputs, server), (trainer, variables, state)
 

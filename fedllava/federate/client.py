@@ -84,15 +84,22 @@ class LocalTrainer(NamedTuple):
   # (variables, images, labels, plan: BatchPlan, key, message=None, size=None)
   #   -> (variables, metrics); metrics["upload"] holds the method's extra upload, if any
   train: Callable
-  model_fn: Callable = None  # (variables, uint8 images [N, H, W, C]) -> outputs, eval mode
+  # (variables, uint8 images [N, H, W, C]) -> outputs, eval mode; train=True: (outputs, stats)
+  model_fn: Callable = None
 
 
 def create_model_fn(model, mean, std, chunk: int = 256) -> Callable:
   """``model_fn(variables, uint8 images) -> outputs``: the model in eval mode on normalised images,
   ``chunk`` images at a time (a fixed shape, so a client's whole data set fits in memory under
-  vmap); each output gets the leading axis of ``images``."""
+  vmap); each output gets the leading axis of ``images``. ``model_fn(variables, images,
+  train=True) -> (outputs, new batch_stats)``: one batch in training mode (BN batch statistics,
+  running statistics updated), for a server step that trains (FedDF, FedBE)."""
 
-  def model_fn(variables, images):
+  def model_fn(variables, images, train=False):
+    if train:  # one batch in training mode: (outputs, new batch_stats)
+      x = normalize(images, mean, std, _float_dtype(variables["params"]))
+      out, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      return out, new["batch_stats"]
     n = images.shape[0]
     c = min(chunk, n)
     steps = -(-n // c)
