@@ -7,7 +7,18 @@ FedAvg's) and, if it has hyperparameters, ``validate(fl_config)`` for its sectio
 """
 
 from fedllava import errors
-from fedllava.algorithms import base, fedadam, fedavg, fedavgm, fedfocal, fednova, fedprox, taunorm
+from fedllava.algorithms import (
+  base,
+  ccvr,
+  creff,
+  fedadam,
+  fedavg,
+  fedavgm,
+  fedfocal,
+  fednova,
+  fedprox,
+  taunorm,
+)
 from fedllava.algorithms.base import FLAlgorithm, server_update
 
 METHODS = {
@@ -19,6 +30,8 @@ METHODS = {
   "fedyogi": fedadam,
   "fedfocal": fedfocal,
   "taunorm": taunorm,
+  "ccvr": ccvr,
+  "creff": creff,
 }
 ALGORITHMS = tuple(METHODS)
 
