@@ -338,3 +338,17 @@ def test_method_runs_end_to_end_on_digits(tmp_path, name, extra):
   kind = "statistics" if name == "ccvr" else "gradients"
   assert rows[-1][f"comm/upload_bytes_per_client/{kind}"] > 0
   assert any(k.startswith("server/") for k in rows[-1])
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ({"fl.algorithm": "ccvr", "fl.ccvr.num_virtual": 0}, "fl.ccvr.num_virtual"),
+    ({"fl.algorithm": "ccvr", "fl.ccvr.learning_rate": float("nan")}, "fl.ccvr.learning_rate"),
+    ({"fl.algorithm": "creff", "fl.creff.grad_repeats": 0}, "fl.creff.grad_repeats"),
+    ({"fl.algorithm": "creff", "fl.creff.match_lr": -1.0}, "fl.creff.match_lr"),
+  ],
+)
+def test_bad_method_config_names_the_field(override, message):
+  with pytest.raises(ValueError, match=message):
+    main.validate(tiny_digits(1, **override))
