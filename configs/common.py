@@ -132,6 +132,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.fedbe.swa_every = 25  # 0 turns SWA off
   c.fl.fedbe.var_scale = 1.0  # the paper's Gaussian (the code: 0.1 on normalised updates)
   c.fl.fedbe.server_data = "unlabeled"  # as fl.feddf.server_data
+  # CCVR (Luo et al. 2021): neither the paper nor code gives these; FL-bench's CCVR
+  # (KarhouTam/FL-bench src/server/ccvr.py) is the source of each default.
+  c.fl.ccvr = ml_collections.ConfigDict()
+  c.fl.ccvr.num_virtual = 200  # virtual features per class (FL-bench sample_per_class)
+  c.fl.ccvr.learning_rate = 0.1  # calibration SGD (FL-bench: the clients' lr; ours is 0.1)
+  c.fl.ccvr.epochs = 1  # passes over the virtual features (FL-bench: one)
+  c.fl.ccvr.batch_size = 32  # (FL-bench: the clients' batch size; ours is 32)
+  # CReFF (Shang et al. 2022): shangxinyi/CReFF-FL options.py:16-22 and main.py:205.
+  c.fl.creff = ml_collections.ConfigDict()
+  c.fl.creff.num_features_per_class = 100  # --num_of_feature
+  c.fl.creff.match_lr = 0.1  # --lr_feature (plain SGD on the federated features)
+  c.fl.creff.match_steps = 100  # --match_epoch (steps a round)
+  c.fl.creff.retrain_lr = 0.01  # --lr_net
+  c.fl.creff.retrain_epochs = 300  # --crt_epoch
+  c.fl.creff.batch_size = 32  # --batch_size_local_training (re-training batches)
+  c.fl.creff.grad_batch = 32  # --batch_real (per class, min(32, N_c) examples)
+  c.fl.creff.grad_repeats = 10  # main.py:205, gradients averaged over 10 batches
 
   # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
   # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.

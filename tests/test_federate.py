@@ -68,11 +68,34 @@ def test_cli_runs_and_writes_outputs(tmp_path):
   assert hist.shape[0] == 20
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "feddf"])
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64, algorithm):
-  """A run killed after round 2 resumes to the straight run's parameters; ``feddf`` has a server
-  step on server data whose batches come from the round's server key (not checkpointed)."""
-  cfg = _tiny(3, **{"model.dtype": "float64", "fl.algorithm": algorithm})
+def _final_server_state(cfg, workdir):
+  """The server state (optax state and the method's own) of ``workdir``'s last checkpoint."""
+  from fedllava import algorithms, checkpoint
+  from fedllava.models import resnet
+
+  like = resnet.create_model(cfg.model, 10).init(
+    jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32)
+  )
+  like = jax.tree.map(lambda x: x.astype(np.float64), like)
+  server = algorithms.base.init_server_state(
+    algorithms.create(cfg.fl), like, 10, jax.random.PRNGKey(0)
+  )
+  ck = checkpoint.Checkpointer(str(workdir / "checkpoints"), 1, 2)
+  try:
+    return ck.restore_latest({"variables": like, "server_state": server})[1]["server_state"]
+  finally:
+    ck.close()
+
+
+@pytest.mark.parametrize(
+  "algorithm, extra",
+  [("fedavg", {}), ("ccvr", {"fl.ccvr.num_virtual": 8}), ("feddf", {})],
+)
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64, algorithm, extra):
+  """A run killed after round 2 resumes to the straight run's parameters and server state;
+  ``ccvr`` has client uploads and a method state, ``feddf`` a server step on server data whose
+  batches come from the round's server key (not checkpointed)."""
+  cfg = _tiny(3, **{"model.dtype": "float64", "fl.algorithm": algorithm, **extra})
   straight = federate.run(cfg, str(tmp_path / "a"))
 
   real = rounds.sample_clients
@@ -95,6 +118,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64, a
   ]
   assert hist == [1, 2, 3]
   assert straight.report["final"]["top1"] == resumed.report["final"]["top1"]
+  a = _final_server_state(cfg, tmp_path / "a")
+  b = _final_server_state(cfg, tmp_path / "b")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):

@@ -9,6 +9,8 @@ FedAvg's) and, if it has hyperparameters, ``validate(fl_config)`` for its sectio
 from fedllava import errors
 from fedllava.algorithms import (
   base,
+  ccvr,
+  creff,
   fedadam,
   fedavg,
   fedavgm,
@@ -32,6 +34,8 @@ METHODS = {
   "taunorm": taunorm,
   "feddf": feddf,
   "fedbe": fedbe,
+  "ccvr": ccvr,
+  "creff": creff,
 }
 ALGORITHMS = tuple(METHODS)
 
