@@ -298,7 +298,8 @@ def format_markdown(table: dict) -> str:
   lines += [
     "",
     "Test accuracy (%) of the final round, mean ± sample std (ddof=1) over seeds; many/medium/"
-    "few: > 100 / 20-100 / < 20 training images.",
+    "few: > 100 / 20-100 / < 20 training images. wall s/run: the mean over seeds of the "
+    "invocation that completed each run (table.json marks resumed runs).",
   ]
   if table["paper_table"]:
     lines.append(
@@ -325,6 +326,7 @@ def save_png(table: dict, path: str) -> None:
       seen = [v for v in r[k]["per_seed"] if v is not None]
       ax.plot([x] * len(seen), seen, ".", color="black", markersize=3)
   ax.set_xticks(np.arange(len(rows)), [r["label"] for r in rows], rotation=20, ha="right")
+  ax.set_ylim(bottom=0.0)  # an error bar of a low mean would reach below 0
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(
     f"{table['config']}: mean ± std over {len(table['seeds'])} seed(s), dots: each seed",
