@@ -70,13 +70,9 @@ def check_methods(methods: Sequence[str]) -> None:
     raise errors.ConfigError(f"--methods={','.join(methods)} names a method twice.")
 
 
-def _stages(config) -> list[str]:
-  return main.stage_list(config)
-
-
 def ours_label(config) -> str:
   """What the ``ours`` row ran, e.g. ``fedavg + alignment (beta=0, no pretraining)``."""
-  pretrained = "pretrain" in _stages(config)
+  pretrained = "pretrain" in main.stage_list(config)
   head = f"pretrain + {config.fl.algorithm}" if pretrained else config.fl.algorithm
   return (
     f"{head} + alignment (beta={config.align.beta:g}{'' if pretrained else ', no pretraining'})"
@@ -84,13 +80,14 @@ def ours_label(config) -> str:
 
 
 def plan(config, methods: Sequence[str], ours: bool = True) -> list[dict]:
-  """The rows: ``{"row": directory name, "label", "stages", "algorithm"}`` per row."""
+  """The rows: ``{"row": directory name, "label", "stages", "algorithm", "result": the stage
+  whose final report is the row's number}``, the methods first, then ``ours``."""
   rows = [
     {"row": m, "label": m, "stages": "federate", "algorithm": m, "result": "federate"}
     for m in methods
   ]
   if ours:
-    before = [s for s in _stages(config) if s in ("annotate", "pretrain")]
+    before = [s for s in main.stage_list(config) if s in ("annotate", "pretrain")]
     rows.append(
       {
         "row": OURS,
