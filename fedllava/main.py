@@ -252,24 +252,32 @@ def _quiet_disk_full() -> None:
   threading.excepthook = lambda args: None if fileio.is_disk_full(args.exc_value) else hook(args)
 
 
-def main(argv):
-  del argv
+def config_from_flags():
+  """``--config`` (with its ``--config.<field>`` overrides), or one line when it does not load."""
+  try:
+    config = _CONFIG.value
+    config.name  # a config that failed to load raises on first use
+  except (OSError, ValueError) as e:  # a missing or broken config file, or a bad variant
+    _one_line(f"cannot load --config: {e}")
+  return config
+
+
+def run_cli(body, workdir: str, where_stopped) -> None:
+  """Runs ``body()`` as a command: a user error, a full disk or Ctrl-C is one line on stderr.
+
+  Args:
+    body: what the command does.
+    workdir: the directory it writes (named in a disk-full message).
+    where_stopped: ``traceback -> str`` saying where an interrupted run stopped.
+  """
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _quiet_disk_full()
   try:
-    config = _CONFIG.value
-    name = config.name  # a config that failed to load raises on first use
-  except (OSError, ValueError) as e:  # a missing or broken config file, or a bad variant
-    _one_line(f"cannot load --config: {e}")
-  workdir = _WORKDIR.value or config.workdir or os.path.join("workdirs", name)
-  try:
     fileio.check_workdir(workdir)
-    sharding.maybe_initialize_distributed()
-    run(config, workdir)
+    body()
   except KeyboardInterrupt as e:
     _one_line(
-      f"interrupted {_where_stopped(e.__traceback__, workdir)}; rerun the same command to resume.",
-      130,
+      f"interrupted {where_stopped(e.__traceback__)}; rerun the same command to resume.", 130
     )
   except Exception as e:
     if _TRACEBACK.value:
@@ -280,6 +288,18 @@ def main(argv):
     if not isinstance(e, USER_ERRORS):
       raise
     _one_line(f"{type(e).__name__}: {e}\n(--traceback shows where)")
+
+
+def main(argv):
+  del argv
+  config = config_from_flags()
+  workdir = _WORKDIR.value or config.workdir or os.path.join("workdirs", config.name)
+
+  def body():
+    sharding.maybe_initialize_distributed()
+    run(config, workdir)
+
+  run_cli(body, workdir, lambda tb: _where_stopped(tb, workdir))
 
 
 if __name__ == "__main__":
