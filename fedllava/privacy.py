@@ -129,11 +129,9 @@ def dp_aggregate(settings: DPSettings):
     total = jax.tree.map(lambda x: jnp.tensordot(real.astype(x.dtype), x, axes=1), clipped)
     key = jax.random.fold_in(ctx.key, DP_KEY_TAG)
     k_update, k_count = jax.random.split(key)
-    noisy = jax.tree.map(
-      lambda t, n: (t + n) / s.denominator,
-      total,
-      _noise_like(total, k_update, s.update_noise * c * scale),
-    )
+    if s.update_noise:  # (z = 0 adds nothing, also with C = inf)
+      total = jax.tree.map(jnp.add, total, _noise_like(total, k_update, s.update_noise * c * scale))
+    noisy = jax.tree.map(lambda t: t / s.denominator, total)
     pseudo_gradient = jax.tree.map(jnp.negative, noisy["params"])
     stats = _clamp_variances(
       jax.tree.map(lambda g, d: g + d, ctx.variables["batch_stats"], noisy["batch_stats"])
@@ -379,8 +377,8 @@ def validate(fl) -> None:
   def bad(field, why):
     raise errors.ConfigError(f"config.fl.dp.{field}={dp[field]!r} {why}")
 
-  if not dp.clip_norm > 0:
-    bad("clip_norm", "must be > 0 (the L2 bound C on each client's whole update).")
+  if not (dp.clip_norm > 0 and math.isfinite(dp.clip_norm)):
+    bad("clip_norm", "must be a finite number > 0 (the L2 bound C on each client's update).")
   if not (dp.noise_multiplier >= 0 and math.isfinite(dp.noise_multiplier)):
     bad("noise_multiplier", "must be a finite number >= 0.")
   if not 0 < dp.delta < 1:

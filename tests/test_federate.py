@@ -68,8 +68,19 @@ def test_cli_runs_and_writes_outputs(tmp_path):
   assert hist.shape[0] == 20
 
 
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64):
-  cfg = _tiny(3, **{"model.dtype": "float64"})
+# DP: the noise comes from the round's server key and the adaptive clip is checkpointed state,
+# so a killed DP run resumes to the same parameters too (a per-run key or an unsaved clip fails).
+DP_RUN = {
+  "fl.dp.enabled": True,
+  "fl.dp.adaptive_clip": True,
+  "fl.dp.noise_multiplier": 0.5,
+  "fl.dp.clipped_count_stddev": 1.0,
+}
+
+
+@pytest.mark.parametrize("extra", [{}, DP_RUN], ids=["fedavg", "dp"])
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64, extra):
+  cfg = _tiny(3, **{"model.dtype": "float64", **extra})
   straight = federate.run(cfg, str(tmp_path / "a"))
 
   real = rounds.sample_clients
@@ -92,6 +103,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64):
   ]
   assert hist == [1, 2, 3]
   assert straight.report["final"]["top1"] == resumed.report["final"]["top1"]
+  if extra:
+    rows = [json.loads(s) for s in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all("dp/epsilon" in r and "dp/clip" in r for r in rows)
+    assert resumed.report["dp"]["rounds_run"] == 3
 
 
 def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):
