@@ -38,8 +38,10 @@ References:
   McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
   ICLR 2018, Alg. 1. Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with
   Adaptive Clipping", NeurIPS 2021, Alg. 1, Sec. 3.1 (defaults as TFF's
-  ``DifferentiallyPrivateFactory.gaussian_adaptive``). pfl-research ``noise_cohort_size``
-  (apple/pfl-research, pfl/privacy/gaussian_mechanism.py). dp_accounting 0.6
+  ``DifferentiallyPrivateFactory.gaussian_adaptive``). pfl-research's ``noise_cohort_size``
+  (apple/pfl-research: ``parse_mechanism(..., cohort_size, noise_cohort_size)`` and the
+  benchmarks' ``--noise_cohort_size``, whose help says results hold only for a real cohort of
+  that size). dp_accounting 0.6
   (rdp/rdp_privacy_accountant.py:400, ``_compute_rdp_sample_wor_gaussian``).
 """
 
@@ -258,6 +260,8 @@ class Accountant:
       relation = dpa.NeighboringRelation.REPLACE_ONE
     acc = rdp.RdpAccountant(neighboring_relation=relation)
     acc.compose(self.event)
+    # One round's RDP curve (the library keeps it in these attributes; composing over rounds is
+    # multiplying it, so epsilon(t) needs no new accountant per round).
     self.orders, self.rdp_per_round = np.asarray(acc._orders), np.asarray(acc._rdp)
 
   def epsilon(self, rounds: int) -> float:
