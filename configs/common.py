@@ -149,6 +149,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.creff.batch_size = 32  # --batch_size_local_training (re-training batches)
   c.fl.creff.grad_batch = 32  # --batch_real (per class, min(32, N_c) examples)
   c.fl.creff.grad_repeats = 10  # main.py:205, gradients averaged over 10 batches
+  # Client-level DP (fedllava/privacy.py): a wrapper around the chosen method's aggregation,
+  # off by default. McMahan et al. 2018 (DP-FedAvg), Andrew et al. 2021 (adaptive clipping).
+  c.fl.dp = ml_collections.ConfigDict()
+  c.fl.dp.enabled = False  # off: the method runs exactly as without this section
+  c.fl.dp.clip_norm = 1.0  # C, L2 over the whole update; model-dependent (McMahan et al. sweep
+  # S); with adaptive_clip the initial clip (TFF's gaussian_adaptive starts at 0.1)
+  c.fl.dp.noise_multiplier = 1.0  # z, noise std / C (McMahan et al.'s z = 1.0 setting)
+  c.fl.dp.delta = 1e-5  # report epsilon at this delta; keep it below 1 / num_clients
+  c.fl.dp.target_epsilon = 0.0  # > 0: calibrate z so fl.rounds rounds reach this epsilon
+  c.fl.dp.epsilon_budget = 0.0  # > 0: stop before a round that would exceed it; 0: no stop
+  c.fl.dp.noise_cohort_size = 0  # M (pfl-research): noise as for a cohort of M; 0: m
+  c.fl.dp.accounting = "without_replacement"  # our sampler (replace-one); "poisson": literature
+  c.fl.dp.adaptive_clip = False  # Andrew et al. 2021: C tracks a quantile of update norms
+  c.fl.dp.target_quantile = 0.5  # gamma (Andrew et al. / TFF gaussian_adaptive default)
+  c.fl.dp.clip_learning_rate = 0.2  # eta_C, geometric step (Andrew et al. / TFF default)
+  c.fl.dp.clipped_count_stddev = 0.0  # sigma_b; 0: Andrew et al.'s cohort / 20
 
   # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
   # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.

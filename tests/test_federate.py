@@ -87,14 +87,26 @@ def _final_server_state(cfg, workdir):
     ck.close()
 
 
+# DP: the noise comes from the round's server key and the adaptive clip is checkpointed state,
+# so a killed DP run resumes to the same parameters too (a per-run key or an unsaved clip fails).
+DP_RUN = {
+  "fl.dp.enabled": True,
+  "fl.dp.adaptive_clip": True,
+  "fl.dp.noise_multiplier": 0.5,
+  "fl.dp.clipped_count_stddev": 1.0,
+}
+
+
 @pytest.mark.parametrize(
   "algorithm, extra",
-  [("fedavg", {}), ("ccvr", {"fl.ccvr.num_virtual": 8}), ("feddf", {})],
+  [("fedavg", {}), ("ccvr", {"fl.ccvr.num_virtual": 8}), ("feddf", {}), ("fedavg", DP_RUN)],
+  ids=["fedavg", "ccvr", "feddf", "dp"],
 )
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64, algorithm, extra):
   """A run killed after round 2 resumes to the straight run's parameters and server state;
   ``ccvr`` has client uploads and a method state, ``feddf`` a server step on server data whose
-  batches come from the round's server key (not checkpointed)."""
+  batches come from the round's server key (not checkpointed), ``dp`` noise from that key and an
+  adaptive clip in the method state."""
   cfg = _tiny(3, **{"model.dtype": "float64", "fl.algorithm": algorithm, **extra})
   straight = federate.run(cfg, str(tmp_path / "a"))
 
@@ -122,6 +134,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch, x64, a
   b = _final_server_state(cfg, tmp_path / "b")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  if "fl.dp.enabled" in extra:
+    rows = [json.loads(s) for s in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all("dp/epsilon" in r and "dp/clip" in r for r in rows)
+    assert resumed.report["dp"]["rounds_run"] == 3
 
 
 def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):

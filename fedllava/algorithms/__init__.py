@@ -4,6 +4,7 @@ Adding a method: write ``fedllava/algorithms/<name>.py`` with ``from_config(fl_c
 returning a ``base.FLAlgorithm`` (built with ``base.create``: every part you leave out is
 FedAvg's) and, if it has hyperparameters, ``validate(fl_config)`` for its section
 ``config.fl.<name>`` (in ``configs/common.py``); then add one line to ``METHODS``.
+``config.fl.dp.enabled`` wraps the method's aggregation in client-level DP (``privacy.py``).
 """
 
 from fedllava import errors
@@ -50,7 +51,9 @@ def create(fl_config) -> FLAlgorithm:
   module = METHODS[name]
   if hasattr(module, "validate"):
     module.validate(fl_config)
-  return module.from_config(fl_config)
+  from fedllava import privacy  # privacy imports this package's base
+
+  return privacy.apply(module.from_config(fl_config), fl_config)
 
 
 __all__ = ["ALGORITHMS", "METHODS", "FLAlgorithm", "base", "create", "server_update"]

@@ -11,6 +11,7 @@ local penalty                   ``local_penalty`` (none; FedProx)            vma
 client upload besides params    ``client_upload`` (none)                     end of each client
 aggregation                     ``pseudo_gradient`` + ``server_optimizer``   reduction over clients
                                 (``w - sum_k p_k w_k`` + ``sgd(1.0)``: Eq. 4)
+                                or ``aggregate`` (whole model, state, key)
 server step after aggregation   ``server_step`` (none)                       server, same jit
 ==============================  ===========================================  =======================
 
@@ -24,6 +25,11 @@ Clients upload parameters and BN statistics always; ``client_upload`` returns wh
 a client, by kind: ``{"statistics": tree}`` (CCVR's per-class feature moments) or
 ``{"gradients": tree}`` (CReFF's, CLIP2FL's per-class classifier gradients). The round logs
 every kind's bytes: the paper's privacy argument (Table 1) is about exactly that.
+
+``aggregate`` replaces ``pseudo_gradient`` and the weighted mean of BN statistics when the
+aggregation needs the whole uploaded model (parameters and BN statistics), the method's state
+and the round's key: client-level DP (``fedllava/privacy.py``) clips the whole update and adds
+noise there. Methods without it keep the FedAvg path unchanged.
 """
 
 from __future__ import annotations
@@ -108,6 +114,26 @@ def mean_delta(
   return jax.tree.map(lambda g, a: g - a, global_params, avg)
 
 
+class AggregateContext(NamedTuple):
+  """What ``aggregate`` sees (inside the round's jit, before the server optimizer).
+
+  Attributes:
+    variables: the global model ``{"params", "batch_stats"}`` the clients started from.
+    client_variables: every sampled client's model, stacked on the client axis.
+    weights: ``[M]`` FedAvg weights, 0 for padding clients.
+    num_steps: ``[M]`` local steps each client ran.
+    state: the method's own state (``server_init``'s tree).
+    key: this round's server key (the same for a resumed round: ``fold_in(key, round)``).
+  """
+
+  variables: PyTree
+  client_variables: PyTree
+  weights: Any
+  num_steps: Any
+  state: PyTree
+  key: Any
+
+
 class FLAlgorithm(NamedTuple):
   """A federated method as pure functions (see the module docstring); defaults are FedAvg's.
 
@@ -128,6 +154,9 @@ class FLAlgorithm(NamedTuple):
     eval_variables: ``(variables, state) -> variables`` that are evaluated.
     server_data: which server-side images the server step needs: None, or "unlabeled" (the
       training images that the long tail leaves out, without labels: FedDF, FedBE).
+    aggregate: ``(AggregateContext) -> (pseudo_gradient, batch_stats, state, metrics)``; when
+      set it replaces ``pseudo_gradient`` and the weighted BN mean (client-level DP); the
+      ``server_optimizer`` then applies to its pseudo-gradient.
   """
 
   name: str
@@ -141,6 +170,7 @@ class FLAlgorithm(NamedTuple):
   message: Optional[Callable] = None
   eval_variables: Optional[Callable] = None
   server_data: Optional[str] = None
+  aggregate: Optional[Callable] = None
 
 
 def create(name: str, **parts) -> FLAlgorithm:

@@ -28,6 +28,7 @@ from fedllava import (
   checkpoint,
   errors,
   metrics,
+  privacy,
   report,
   rng,
   sharding,
@@ -230,12 +231,17 @@ def run(
     + ("; aligned after every round" if after_round is not None else "")
   )
 
+  accountant = privacy.accountant_from_config(fl)
+  stop = fl.rounds
+  if accountant is not None:
+    stop = _dp_plan(fl, accountant, done)
+
   writer = metrics.MetricWriter(workdir, resume_step=done, active=jax.process_index() == 0)
   if done and meta.get("scalars") and done not in {r["step"] for r in writer.history()}:
     writer.write(done, meta["scalars"])  # a torn last line at the checkpoint's own round
   final = None
   bar = tqdm(
-    range(done, fl.rounds),
+    range(done, stop),
     initial=done,
     total=fl.rounds,
     desc="rounds",
@@ -280,10 +286,12 @@ def run(
       "comm/upload_bytes_per_client": upload,
       "comm/upload_bytes_total": upload * len(selected),
       **{f"comm/upload_bytes_per_client/{k}": v for k, v in uploads.items()},
-      **{k: float(v) for k, v in m.items() if k.startswith("server/")},
+      **{k: float(v) for k, v in m.items() if k.startswith(("server/", "dp/"))},
     }
+    if accountant is not None:
+      scalars["dp/epsilon"] = accountant.epsilon(r + 1)
     scalars["time/round_s"] = time.perf_counter() - t0
-    last = r + 1 == fl.rounds
+    last = r + 1 == stop  # the last round, or the last within config.fl.dp.epsilon_budget
     if (r + 1) % config.eval.every == 0 or last:
       final = test_report(algorithms.base.evaluated(algo, variables, server_state))
       scalars.update(
@@ -306,8 +314,59 @@ def run(
   if final is None:  # resumed at the last round: evaluate the restored model
     final = test_report(algorithms.base.evaluated(algo, state["variables"], state["server_state"]))
   pool = {"train_pool_size": len(data.train), "d_align_held_out": len(data.align_indices)}
+  if accountant is not None:
+    pool["dp"] = _dp_report(fl, accountant, stop)
   out = _write_outputs(workdir, final, meta, history, data.test.class_names, pool)
   return StageResult(state["variables"], out)
+
+
+def _dp_plan(fl, accountant, done) -> int:
+  """Prints the privacy plan; returns the rounds to run (fewer when the budget stops earlier)."""
+  dp = fl.dp
+  z = privacy.noise_multiplier(fl)
+  how = (
+    "sampling without replacement, replace-one"
+    if dp.accounting == "without_replacement"
+    else "Poisson sampling at q = m / N, add/remove-one (the literature's convention; not "
+    "exact for our fixed-size sampler)"
+  )
+  print(
+    f"[dp] client-level DP-FedAvg: clip {dp.clip_norm:g}"
+    + (" (adaptive)" if dp.adaptive_clip else "")
+    + f", noise multiplier {z:.4g}"
+    + (f" (calibrated to target_epsilon={dp.target_epsilon:g})" if dp.target_epsilon else "")
+    + f"; accountant: RDP, {how}; epsilon after {fl.rounds} rounds "
+    f"{accountant.epsilon(fl.rounds):.4g} at delta={dp.delta:g}"
+  )
+  if dp.noise_cohort_size:
+    print(
+      f"[dp] noise_cohort_size={dp.noise_cohort_size}: noise as for a cohort of that size; "
+      "epsilon refers to a population of "
+      f"{fl.num_clients * dp.noise_cohort_size // fl.clients_per_round} clients"
+    )
+  if not dp.epsilon_budget:
+    return fl.rounds
+  stop = accountant.max_rounds(dp.epsilon_budget, fl.rounds)
+  if stop < fl.rounds:
+    print(
+      f"[dp] stopping after round {stop} of {fl.rounds}: round {stop + 1} would bring epsilon "
+      f"to {accountant.epsilon(stop + 1):.4g} > config.fl.dp.epsilon_budget="
+      f"{dp.epsilon_budget:g} (delta={dp.delta:g})"
+    )
+  return max(stop, done)  # a resumed run never goes back
+
+
+def _dp_report(fl, accountant, rounds_run) -> dict:
+  eps = accountant.epsilon(rounds_run)
+  return {
+    "epsilon": eps if math.isfinite(eps) else None,
+    "delta": fl.dp.delta,
+    "rounds_run": rounds_run,
+    "stopped_by_budget": rounds_run < fl.rounds,
+    "noise_multiplier": privacy.noise_multiplier(fl),
+    "accounting": fl.dp.accounting,
+    "noise_cohort_size": fl.dp.noise_cohort_size or fl.clients_per_round,
+  }
 
 
 def _diverged(round_index, variables, ckpt, writer, where="after aggregation"):

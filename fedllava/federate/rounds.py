@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -79,6 +80,8 @@ def create_round_fn(
   weighted mean over BN running statistics (CReFF averages the whole state dict). Then the
   method's server step, if any, on the aggregated model, the client models, the uploads and
   ``server_inputs = {"data": server images or None, "key": this round's server key}``.
+  A method with ``aggregate`` (client-level DP) replaces the weighted means: it sees the whole
+  client models, its state and the same key, and its metrics are returned as they are named.
   Only what the clients upload reaches the server: parameters, statistics and, for the
   methods that declare them, per-class statistics or gradients (``client_upload``).
   """
@@ -101,21 +104,30 @@ def create_round_fn(
       variables, message, inputs.images, inputs.labels, inputs.plan, inputs.keys, inputs.sizes
     )
     uploads = m.pop("upload", {})
-    params, opt_state = base.server_update(
-      algorithm,
-      variables["params"],
-      opt_state,
-      client_vars["params"],
-      inputs.weights,
-      m["num_steps"],
-    )
-    stats = base.weighted_mean(client_vars["batch_stats"], inputs.weights)
-    new_vars = {"params": params, "batch_stats": stats}
     metrics = {
       "train/loss": jnp.sum(inputs.weights * m["loss"]),
       "train/client_loss": m["loss"],
       "train/client_steps": m["num_steps"],
     }
+    if algorithm.aggregate is None:
+      params, opt_state = base.server_update(
+        algorithm,
+        variables["params"],
+        opt_state,
+        client_vars["params"],
+        inputs.weights,
+        m["num_steps"],
+      )
+      stats = base.weighted_mean(client_vars["batch_stats"], inputs.weights)
+    else:  # the whole model, the method's state and the round's key (client-level DP)
+      ctx = base.AggregateContext(
+        variables, client_vars, inputs.weights, m["num_steps"], method_state, server_inputs["key"]
+      )
+      delta, stats, method_state, agg_metrics = algorithm.aggregate(ctx)
+      updates, opt_state = algorithm.server_optimizer.update(delta, opt_state, variables["params"])
+      params = optax.apply_updates(variables["params"], updates)
+      metrics.update(agg_metrics)
+    new_vars = {"params": params, "batch_stats": stats}
     if algorithm.server_step is not None:
       ctx = base.ServerContext(
         new_vars,
