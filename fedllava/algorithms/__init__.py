@@ -19,6 +19,7 @@ from fedllava.algorithms import (
   fedfocal,
   fednova,
   fedprox,
+  ratioloss,
   taunorm,
 )
 from fedllava.algorithms.base import FLAlgorithm, server_update
@@ -36,6 +37,7 @@ METHODS = {
   "fedbe": fedbe,
   "ccvr": ccvr,
   "creff": creff,
+  "ratioloss": ratioloss,
 }
 ALGORITHMS = tuple(METHODS)
 
