@@ -117,3 +117,22 @@ def test_ratioloss_runs_end_to_end(tmp_path):
   )["federate"]
   assert 0.0 <= out.report["final"]["top1"] <= 100.0
   assert np.isfinite([float(np.sum(x)) for x in jax.tree.leaves(out.variables)]).all()
+
+
+def test_labeled_server_set_is_balanced_and_held_by_no_client():
+  """The monitor's images: aux_per_class of every class, with their labels, disjoint from the
+  clients' long tail; every other method's pools are untouched. Mutation caught: the set drawn
+  from the clients' pool (or the long tail drawn before the hold-out)."""
+  from fedllava.data import federated
+
+  cfg = tiny_digits(1, **{"fl.algorithm": "ratioloss", "fl.ratioloss.aux_per_class": 3})
+  full = federated._load(cfg, "train")
+  held, kept, labeled = federated._pools(cfg, full, aux=True)
+  assert not set(labeled) & set(kept) and not set(labeled) & set(held)
+  np.testing.assert_array_equal(np.bincount(full.labels[labeled]), [3] * full.num_classes)
+  server = federated.build(cfg).labeled_server_data()
+  np.testing.assert_array_equal(server["labels"], full.labels[labeled])
+  np.testing.assert_array_equal(server["images"], full.images[labeled])
+  other = tiny_digits(1)
+  assert len(federated._pools(other, full)) == 2
+  assert federated.build(other).labeled is None
