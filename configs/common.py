@@ -165,6 +165,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.dp.target_quantile = 0.5  # gamma (Andrew et al. / TFF gaussian_adaptive default)
   c.fl.dp.clip_learning_rate = 0.2  # eta_C, geometric step (Andrew et al. / TFF default)
   c.fl.dp.clipped_count_stddev = 0.0  # sigma_b; 0: Andrew et al.'s cohort / 20
+  # Ratio Loss, Wang et al. 2021 (balanced-fl/Addressing-Class-Imbalance-FL, models/Fed.py
+  # whole_determination: weight_c = 1.0 + 0.1 * Ra_c).
+  c.fl.ratioloss = ml_collections.ConfigDict()
+  c.fl.ratioloss.alpha = 1.0
+  c.fl.ratioloss.beta = 0.1
+  # Labelled images per class at the server for the monitor, held out of the training split
+  # before the long tail (no client holds them). The code draws them from the training set
+  # (ratio_loss_data) without a count we could read; 10 = a small balanced set.
+  c.fl.ratioloss.aux_per_class = 10
 
   # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
   # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.

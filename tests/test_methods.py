@@ -46,6 +46,8 @@ def _round(algo, strategy, dtype="float64"):
   fn = rounds.create_round_fn(trainer, algo, sharding.create_client_mesh(1), strategy)
   pool = np.random.default_rng(5).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
   data = jnp.asarray(pool) if algo.server_data == "unlabeled" else None
+  if algo.server_data == "labeled_balanced":
+    data = {"images": jnp.asarray(pool), "labels": jnp.arange(12, dtype=jnp.int32) % 3}
   server = {"data": data, "key": jax.random.PRNGKey(3)}
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 (the round donates its inputs)
   return fn(copy(variables), copy(state), inputs, server), (trainer, variables, state)

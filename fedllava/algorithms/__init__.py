@@ -20,6 +20,7 @@ from fedllava.algorithms import (
   fedfocal,
   fednova,
   fedprox,
+  ratioloss,
   taunorm,
 )
 from fedllava.algorithms.base import FLAlgorithm, server_update
@@ -37,6 +38,7 @@ METHODS = {
   "fedbe": fedbe,
   "ccvr": ccvr,
   "creff": creff,
+  "ratioloss": ratioloss,
 }
 ALGORITHMS = tuple(METHODS)
 

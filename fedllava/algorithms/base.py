@@ -72,7 +72,8 @@ class ServerContext(NamedTuple):
     client_variables: every sampled client's model, stacked on the client axis.
     uploads: ``client_upload``'s output stacked on the client axis (``{}`` without one).
     weights: ``[M]`` FedAvg weights ``|D_k| / sum |D_k|``, 0 for padding clients.
-    server_data: the server's own images (e.g. FedDF's unlabeled pool), or None.
+    server_data: the server's own images (e.g. FedDF's unlabeled pool), ``{"images",
+      "labels"}`` for a labelled set (Ratio Loss's), or None.
     key: this round's server key.
   """
 
@@ -153,7 +154,9 @@ class FLAlgorithm(NamedTuple):
     message: ``(variables, state) -> tree`` sent to every client with the global model.
     eval_variables: ``(variables, state) -> variables`` that are evaluated.
     server_data: which server-side images the server step needs: None, or "unlabeled" (the
-      training images that the long tail leaves out, without labels: FedDF, FedBE).
+      training images that the long tail leaves out, without labels: FedDF, FedBE), or
+      "labeled_balanced" (``config.fl.ratioloss.aux_per_class`` labelled images of every class,
+      held out of the training split before the long tail: Ratio Loss's monitor).
     aggregate: ``(AggregateContext) -> (pseudo_gradient, batch_stats, state, metrics)``; when
       set it replaces ``pseudo_gradient`` and the weighted BN mean (client-level DP); the
       ``server_optimizer`` then applies to its pseudo-gradient.

@@ -40,6 +40,9 @@ class FederatedData:
     unlabeled: the training images that neither the long tail nor D_align kept (no client
       holds them, never the test set), without labels; only when ``build(unlabeled=True)``
       (the server data of FedDF and FedBE), else None.
+    labeled: the server's labelled, class-balanced auxiliary set (Ratio Loss's monitor data):
+      ``server_labeled_per_class(config)`` images of every class held out of the training
+      split before the long tail (no client holds them, never the test set), else None.
   """
 
   train: sources.Dataset
@@ -53,6 +56,7 @@ class FederatedData:
   histogram: np.ndarray
   norm: sources.Normalization
   unlabeled: np.ndarray | None = None
+  labeled: sources.Dataset | None = None
 
   @property
   def num_classes(self) -> int:
@@ -67,6 +71,16 @@ class FederatedData:
         "config.data.imbalance_factor); pick another config.fl.algorithm."
       )
     return self.unlabeled
+
+  def labeled_server_data(self) -> dict:
+    """``{"images": uint8 [C * k, H, W, C], "labels": int32 [C * k]}``, the server's labelled
+    balanced set; raises a ConfigError when the run holds none out."""
+    if self.labeled is None or not len(self.labeled.labels):
+      raise errors.ConfigError(
+        "this FL method needs the server's labelled balanced images; set "
+        "config.fl.ratioloss.aux_per_class >= 1."
+      )
+    return {"images": self.labeled.images, "labels": self.labeled.labels.astype(np.int32)}
 
 
 def _load(config, split: str) -> sources.Dataset:
@@ -133,8 +147,19 @@ def needs_server_holdout(config) -> bool:
   return "align" in stages and bool(a) and a.per_class > 0 and not a.get("data_dir")
 
 
-def _pools(config, full: sources.Dataset):
-  """(D_align positions, long-tailed training positions) in the full training split."""
+def server_labeled_per_class(config) -> int:
+  """Images per class the server holds out, with labels, for its FL method: Ratio Loss's
+  auxiliary set (``config.fl.ratioloss.aux_per_class``); 0 for every other method."""
+  fl = config.get("fl")
+  if fl is None or fl.get("algorithm") != "ratioloss":
+    return 0
+  return int(fl.ratioloss.aux_per_class)
+
+
+def _pools(config, full: sources.Dataset, aux: bool = False):
+  """(D_align positions, long-tailed training positions) in the full training split; with
+  ``aux`` also the positions of the server's labelled balanced set (``server_labeled_per_class``
+  images of every class, held out after D_align and before the long tail)."""
   d = config.data
   c = full.num_classes
   pool = np.arange(len(full))
@@ -148,10 +173,20 @@ def _pools(config, full: sources.Dataset):
       )
     except ValueError as e:
       raise errors.ConfigError(f"config.align.per_class={per_class}: {e}") from None
+  labeled = np.zeros((0,), np.int64)
+  aux_per_class = server_labeled_per_class(config)
+  if aux_per_class > 0:  # its own seed: D_align and the long tail's draws stay as they were
+    try:
+      at, rest = longtail.holdout_balanced(
+        full.labels[pool], c, aux_per_class, np.random.RandomState(lt_seed + 2)
+      )
+    except ValueError as e:
+      raise errors.ConfigError(f"config.fl.ratioloss.aux_per_class={aux_per_class}: {e}") from None
+    labeled, pool = pool[at], pool[rest]
   kept = pool[
     longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
   ]
-  return held, kept
+  return (held, kept, labeled) if aux else (held, kept)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -192,7 +227,7 @@ def build(config, unlabeled: bool = False) -> FederatedData:
   full = _load(config, "train")
   test = _load(config, "test")
   c = full.num_classes
-  held, kept = _pools(config, full)
+  held, kept, labeled = _pools(config, full, aux=True)
   align = full.subset(held) if len(held) else None
   train = full.subset(kept)
   if d.partition == "creff":
@@ -228,7 +263,8 @@ def build(config, unlabeled: bool = False) -> FederatedData:
     class_counts=np.bincount(train.labels, minlength=c),
     histogram=partition.class_histogram(train.labels, parts, c),
     norm=registry.get(d.name).normalization,
-    unlabeled=full.images[np.setdiff1d(np.arange(len(full)), np.concatenate([held, kept]))]
+    unlabeled=full.images[np.setdiff1d(np.arange(len(full)), np.concatenate([held, kept, labeled]))]
     if unlabeled
     else None,
+    labeled=full.subset(labeled) if len(labeled) else None,
   )

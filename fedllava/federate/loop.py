@@ -212,6 +212,8 @@ def run(
   server_images = None
   if algo.server_data == "unlabeled":  # FedDF, FedBE: the images the long tail left out
     server_images = jax.device_put(data.unlabeled_images(), repl)
+  elif algo.server_data == "labeled_balanced":  # Ratio Loss: the monitor's labelled images
+    server_images = jax.device_put(data.labeled_server_data(), repl)
   pad_to = sharding.pad_to_multiple(fl.clients_per_round, mesh)
   n_max = data.images.shape[1]
   param_dtype = jax.tree.leaves(state["variables"]["params"])[0].dtype

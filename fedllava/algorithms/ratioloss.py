@@ -1,0 +1,162 @@
+"""Ratio Loss (Wang, Xu, Wang & Zhu, AAAI 2021, "Addressing Class Imbalance in Federated
+Learning"): FedAvg whose clients minimise a class-weighted cross-entropy, the weights set every
+round by the server's monitor of the classifier's per-class updates on a small labelled,
+class-balanced auxiliary set.
+
+Monitor (server, after aggregation, on the global model ``W``; classifier kernel ``K``, ``[D, C]``).
+For every class c, the server's update of ``K`` on the auxiliary images of class c alone,
+
+  Delta_c = - grad_K mean_{i: y_i = c} CE(f_i K + b, c)            [D, C] (one SGD direction)
+
+and, at every element (d, j) of ``K``: ``m = argmax_c Delta_c[d, j]``; the element belongs to
+class m when m dominates, i.e. fewer than two classes p have ``|Delta_p| > 0.8 |Delta_m|``
+(when ``Delta_m = 0``: fewer than two classes have ``Delta_p = 0``). With ``P_c`` the elements
+that belong to class c,
+
+  Ra_c = | sum_{P_c} Delta_c | / | sum_{P_c} mean_{p != c} Delta_p |   (10 if the denominator is 0)
+  Ra_c <- min(Ra_c, 5000),        weight_c = alpha + beta * Ra_c.
+
+A class the global model under-fits (a minority class) gets a large own update and small updates
+from the other classes' images, hence a large ratio and weight.
+
+Client loss (the weights reach every client as the round's ``message``; the first round's are
+1, i.e. plain cross-entropy, as the authors' ``ratio = None`` before the first monitor):
+
+  L = sum_i v_i weight_{y_i} CE(y_i, p_i) / max(sum_i v_i, 1)      (v: 1 real, 0 padding)
+
+which is the authors' ``RatioLoss(size_average=True)`` (batch mean of ``-alpha_y log p_y``).
+
+Conventions where the code and this framework differ (and why):
+  * Delta_c is the full-batch gradient at the global model, not the authors' local training of a
+    copy on class c's images (``LocalUpdate``): it is its first-order term, and the ratio is
+    invariant to the step size; it keeps the round one jit with static shapes.
+  * The features are the model's in eval mode (BN running statistics).
+  * The monitor runs on the aggregated model of this round and its weights are used by the next
+    round's clients; the authors' monitor runs on the model this round's clients started from
+    (one round older).
+  * The auxiliary set: ``config.fl.ratioloss.aux_per_class`` images of every class held out of the
+    training split before the long tail (never a client's, never the test set); the authors pick
+    them from the training set (``ratio_loss_data``). Only the classifier kernel enters (the
+    code: ``fc1.weight``), not its bias.
+
+The paper's text could not be read here (only its abstract); formulas and defaults are the
+authors' code's.
+
+References:
+  balanced-fl/Addressing-Class-Imbalance-FL, FEMNIST-4-Losses/models/Fed.py
+  (``outlier_detect``/``search_neuron_new``: the dominance mask with threshold 0.8;
+  ``whole_determination``: the ratio, 10 for a zero denominator, the cap 5000, ``1.0 + 0.1 *
+  ratio``); main_nn.py (the monitor trains a copy of the global model on each class's auxiliary
+  data; ``ratio = None`` in the first round); liul4/Federated_Learning Ratio_Loss/imbalanced/
+  loss.py (``RatioLoss``: ``-alpha[y] log p_y``, mean over the batch).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fedllava import errors, supervised
+from fedllava.algorithms import base
+
+DOMINANCE = 0.8  # search_neuron_new: np.abs(temp) / abs(max) > 0.80
+ZERO_DENOMINATOR = 10.0  # whole_determination: res = 10 when aux_other_sum == 0
+CAP = 5000.0  # whole_determination: "add a upper bound to the ratio"
+
+
+def weighted_cross_entropy(logits, labels, class_weights, weights):
+  """``sum_i v_i w_{y_i} CE_i / max(sum_i v_i, 1)``."""
+  ce = supervised.cross_entropy(logits, labels)
+  return base.masked_mean(class_weights[labels].astype(ce.dtype) * ce, weights)
+
+
+def class_updates(features, labels, kernel, bias, num_classes: int):
+  """``[C, D, C]``: ``Delta_c = -grad_K`` of class c's mean cross-entropy at ``(K, b)``."""
+
+  def class_loss(k, c):
+    mask = (labels == c).astype(features.dtype)
+    ce = supervised.cross_entropy(features @ k + bias, labels)
+    return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  grads = jax.vmap(jax.grad(class_loss), in_axes=(None, 0))(kernel, jnp.arange(num_classes))
+  return -grads
+
+
+def monitor_ratios(deltas):
+  """``Ra_c`` (capped) from the per-class updates ``deltas`` ``[C, ...]`` (the module docstring)."""
+  c = deltas.shape[0]
+  top = jnp.max(deltas, axis=0)
+  owner = jnp.argmax(deltas, axis=0)  # the first maximum, as list.index(max(...))
+  near = jnp.where(
+    top == 0, deltas == 0, jnp.abs(deltas) > DOMINANCE * jnp.abs(jnp.where(top == 0, 1.0, top))
+  )
+  dominant = jnp.sum(near, axis=0) < 2
+  pos = dominant[None] & (owner[None] == jnp.arange(c).reshape((c,) + (1,) * (deltas.ndim - 1)))
+  pos = pos.astype(deltas.dtype)
+  others = (jnp.sum(deltas, axis=0)[None] - deltas) / (c - 1)
+  axes = tuple(range(1, deltas.ndim))
+  own = jnp.sum(pos * deltas, axis=axes)
+  other = jnp.sum(pos * others, axis=axes)
+  safe = jnp.where(other == 0, 1.0, other)
+  ratio = jnp.where(other == 0, ZERO_DENOMINATOR, jnp.abs(own) / jnp.abs(safe))
+  return jnp.minimum(ratio, CAP)
+
+
+def create(alpha: float = 1.0, beta: float = 0.1) -> base.FLAlgorithm:
+  def client_loss(outputs, labels, weights, message=None):
+    if message is None:
+      raise ValueError("ratioloss: the clients got no class weights (the round's message)")
+    return weighted_cross_entropy(outputs["logits"], labels, message, weights)
+
+  def server_init(variables, num_classes, key):
+    del key
+    dtype = variables["params"]["classifier"]["kernel"].dtype  # the master dtype
+    return {"class_weights": jnp.ones((num_classes,), dtype)}
+
+  def server_step(ctx: base.ServerContext, model_fn):
+    if ctx.server_data is None:
+      raise ValueError("ratioloss: the round got no labelled server images (server_inputs['data'])")
+    clf = ctx.variables["params"]["classifier"]
+    num_classes = clf["kernel"].shape[-1]
+    feats = model_fn(ctx.variables, ctx.server_data["images"])["features"].astype(
+      clf["kernel"].dtype
+    )
+    deltas = class_updates(
+      feats, ctx.server_data["labels"], clf["kernel"], clf["bias"], num_classes
+    )
+    ratio = monitor_ratios(deltas)
+    w = (alpha + beta * ratio).astype(ctx.state["class_weights"].dtype)
+    metrics = {"ratio_min": jnp.min(ratio), "ratio_max": jnp.max(ratio)}
+    return ctx.variables, {"class_weights": w}, metrics
+
+  def message(variables, state):
+    del variables
+    return state["class_weights"]
+
+  return base.create(
+    "ratioloss",
+    client_loss=client_loss,
+    server_init=server_init,
+    server_step=server_step,
+    message=message,
+    server_data="labeled_balanced",
+  )
+
+
+def from_config(fl) -> base.FLAlgorithm:
+  return create(fl.ratioloss.alpha, fl.ratioloss.beta)
+
+
+def validate(fl) -> None:
+  r = fl.ratioloss
+  if not (r.alpha >= 0 and math.isfinite(r.alpha)):
+    raise errors.ConfigError(f"config.fl.ratioloss.alpha={r.alpha} must be >= 0 (code: 1.0).")
+  if not (r.beta >= 0 and math.isfinite(r.beta)):
+    raise errors.ConfigError(f"config.fl.ratioloss.beta={r.beta} must be >= 0 (code: 0.1).")
+  if r.alpha + r.beta <= 0:
+    raise errors.ConfigError("config.fl.ratioloss.alpha + beta must be > 0 (code: 1.0, 0.1).")
+  if not (isinstance(r.aux_per_class, int) and r.aux_per_class >= 1):
+    raise errors.ConfigError(
+      f"config.fl.ratioloss.aux_per_class={r.aux_per_class} must be an integer >= 1 (the "
+      "monitor needs labelled images of every class; default 10)."
+    )

@@ -1,0 +1,138 @@
+"""Ratio Loss (Wang et al. 2021): the weighted client loss, the server's monitor, end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_digits
+
+from fedllava import algorithms, errors, main, supervised
+from fedllava.algorithms import base, ratioloss
+
+
+def _np_ce(logits, labels):
+  z = logits - logits.max(1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+  return -logp[np.arange(len(labels)), labels]
+
+
+def test_ratio_loss_is_the_class_weighted_cross_entropy(x64):
+  """Mutation caught: the class weights applied to the wrong classes (inverted, w[C-1-y]), or
+  normalised by the sum of the weights instead of the count of real examples."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4))
+  labels = np.array([0, 1, 2, 3, 3, 0], np.int32)
+  valid = np.array([1, 1, 1, 1, 1, 0], np.float64)
+  cw = np.array([1.0, 1.5, 2.5, 7.0])
+  algo = ratioloss.create()
+  got = algo.client_loss({"logits": jnp.asarray(logits)}, labels, valid, jnp.asarray(cw))
+  want = np.sum(valid * cw[labels] * _np_ce(logits, labels)) / valid.sum()
+  np.testing.assert_allclose(float(got), want, rtol=1e-12)
+  # uniform weights: plain cross-entropy
+  ones = algo.client_loss({"logits": jnp.asarray(logits)}, labels, valid, jnp.ones(4))
+  plain = supervised.masked_cross_entropy(jnp.asarray(logits), labels, valid)
+  np.testing.assert_allclose(float(ones), float(plain), rtol=1e-12)
+  # the weights reach the clients as the message; the first round's are all 1
+  state = algo.server_init({"params": {"classifier": {"kernel": jnp.zeros((2, 4))}}}, 4, None)
+  np.testing.assert_array_equal(np.asarray(algo.message(None, state)), np.ones(4))
+
+
+def _np_monitor(feats, labels, kernel, bias, c, alpha, beta):
+  """The authors' loops (models/Fed.py) on numpy class updates Delta_c = -dCE/dK."""
+  logits = feats @ kernel + bias
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  deltas = []
+  for cls in range(c):
+    idx = labels == cls
+    onehot = np.eye(c)[labels[idx]]
+    deltas.append(-(feats[idx].T @ (p[idx] - onehot)) / idx.sum())
+  w = np.array(deltas)  # [C, D, C]
+  pos = np.zeros_like(w)
+  for i in range(w.shape[1]):
+    for j in range(w.shape[2]):
+      temp = list(w[:, i, j])
+      m = temp.index(max(temp))
+      if w[m, i, j] == 0:
+        n = np.sum(np.array(temp) == 0)
+      else:
+        n = np.sum(np.abs(temp) / abs(w[m, i, j]) > 0.8)
+      if n < 2:
+        pos[m, i, j] = 1
+  out = []
+  for cls in range(c):
+    own = other = 0.0
+    for i in range(w.shape[1]):
+      for j in range(w.shape[2]):
+        if pos[cls, i, j]:
+          own += w[cls, i, j]
+          other += (w[:, i, j].sum() - w[cls, i, j]) / (c - 1)
+    r = abs(own) / abs(other) if other != 0 else 10.0
+    out.append(alpha + beta * min(r, 5000.0))
+  return np.array(out)
+
+
+def test_monitor_matches_the_authors_computation_on_a_linear_model(x64):
+  """The server step's class weights on a linear model (features = the images' pixels) equal the
+  authors' loops in numpy. Mutations caught: the ratio's numerator and denominator swapped, the
+  weights assigned to the wrong classes (inverted), the dominance threshold ignored."""
+  c, d, k = 3, 5, 4
+  rng = np.random.default_rng(1)
+  feats = np.abs(rng.normal(size=(c * k, d)))  # post-ReLU features are >= 0
+  labels = np.repeat(np.arange(c), k).astype(np.int32)
+  kernel = rng.normal(size=(d, c))
+  kernel[:, 0] += 1.0  # class 0 is the majority the model already favours
+  bias = rng.normal(size=(c,))
+  model_fn = lambda v, x: {"features": x}  # noqa: E731 (a linear model on its inputs)
+  variables = {"params": {"classifier": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}}
+  algo = ratioloss.create(alpha=1.0, beta=0.1)
+  ctx = base.ServerContext(
+    variables, algo.server_init(variables, c, None), None, {}, None,
+    {"images": jnp.asarray(feats), "labels": jnp.asarray(labels)}, None,
+  )  # fmt: skip
+  out, state, metrics = algo.server_step(ctx, model_fn)
+  want = _np_monitor(feats, labels, kernel, bias, c, 1.0, 0.1)
+  np.testing.assert_allclose(np.asarray(state["class_weights"]), want, rtol=1e-10)
+  assert out is variables
+  assert len(set(np.round(want, 6))) == c  # distinct weights: a permutation would show
+  # the estimate is invariant to the update's step size (first-order: SGD of any lr)
+  d1 = ratioloss.class_updates(jnp.asarray(feats), labels, jnp.asarray(kernel), bias, c)
+  np.testing.assert_allclose(
+    np.asarray(ratioloss.monitor_ratios(d1)), np.asarray(ratioloss.monitor_ratios(0.01 * d1))
+  )
+
+
+def test_ratioloss_config_errors_name_the_field():
+  for field, value in [("alpha", -1.0), ("beta", float("nan")), ("aux_per_class", 0)]:
+    c = tiny_digits(1, **{"fl.algorithm": "ratioloss", f"fl.ratioloss.{field}": value})
+    with pytest.raises(errors.ConfigError, match=f"config.fl.ratioloss.{field}"):
+      algorithms.create(c.fl)
+
+
+def test_ratioloss_runs_end_to_end(tmp_path):
+  """main.run on the offline digits config, stage federate only, 2 rounds: the monitor's
+  weights (the checkpointed method state) move off 1 after the first round."""
+  out = main.run(
+    tiny_digits(2, stages="federate", **{"fl.algorithm": "ratioloss"}), str(tmp_path / "r")
+  )["federate"]
+  assert 0.0 <= out.report["final"]["top1"] <= 100.0
+  assert np.isfinite([float(np.sum(x)) for x in jax.tree.leaves(out.variables)]).all()
+
+
+def test_labeled_server_set_is_balanced_and_held_by_no_client():
+  """The monitor's images: aux_per_class of every class, with their labels, disjoint from the
+  clients' long tail; every other method's pools are untouched. Mutation caught: the set drawn
+  from the clients' pool (or the long tail drawn before the hold-out)."""
+  from fedllava.data import federated
+
+  cfg = tiny_digits(1, **{"fl.algorithm": "ratioloss", "fl.ratioloss.aux_per_class": 3})
+  full = federated._load(cfg, "train")
+  held, kept, labeled = federated._pools(cfg, full, aux=True)
+  assert not set(labeled) & set(kept) and not set(labeled) & set(held)
+  np.testing.assert_array_equal(np.bincount(full.labels[labeled]), [3] * full.num_classes)
+  server = federated.build(cfg).labeled_server_data()
+  np.testing.assert_array_equal(server["labels"], full.labels[labeled])
+  np.testing.assert_array_equal(server["images"], full.images[labeled])
+  other = tiny_digits(1)
+  assert len(federated._pools(other, full)) == 2
+  assert federated.build(other).labeled is None
