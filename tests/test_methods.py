@@ -91,8 +91,9 @@ def test_upload_bytes_are_logged_by_kind():
 
 # ---- FedAdam / FedYogi: the server step is Adam / Yogi on the mean delta ----
 def _numpy_adam(deltas, lr, b1, b2, eps, yogi=False):
-  """Adam (with bias correction, as Keras and optax) or Yogi on a sequence of gradients."""
-  m = v = 0.0
+  """Adam (with bias correction, as Keras and optax) or Yogi on a sequence of gradients; Yogi's
+  moments start at 1e-6 (Zaheer et al. 2018's initial accumulator, optax's default)."""
+  m = v = 1e-6 if yogi else 0.0
   out = []
   for t, g in enumerate(deltas, 1):
     m = b1 * m + (1 - b1) * g
