@@ -10,6 +10,7 @@ from fedllava import errors
 from fedllava.algorithms import (
   base,
   ccvr,
+  clip2fl,
   creff,
   fedadam,
   fedavg,
@@ -36,6 +37,7 @@ METHODS = {
   "fedbe": fedbe,
   "ccvr": ccvr,
   "creff": creff,
+  "clip2fl": clip2fl,
 }
 ALGORITHMS = tuple(METHODS)
 

@@ -33,7 +33,8 @@ from fedllava import (
   sharding,
   supervised,
 )
-from fedllava.data import federated, partition
+from fedllava.align import teacher_q
+from fedllava.data import classnames, federated, partition
 from fedllava.federate import client, rounds
 from fedllava.models import resnet
 from fedllava.stage import StageResult, start_from
@@ -133,6 +134,9 @@ def run(
   d, fl = config.data, config.fl
   complete = is_complete(workdir, config)
   algo = algorithms.create(fl)
+  uses_clip = algo.side_data == "teacher_logits" or algo.server_data == "class_text_embeddings"
+  if uses_clip:
+    teacher_q._require_teacher(config, algo.name)
   data = federated.build(config, unlabeled=algo.server_data == "unlabeled")
   mesh = sharding.create_client_mesh(config.mesh.num_devices or None)
   model = resnet.create_model(config.model, data.num_classes)
@@ -211,6 +215,15 @@ def run(
   server_images = None
   if algo.server_data == "unlabeled":  # FedDF, FedBE: the images the long tail left out
     server_images = jax.device_put(data.unlabeled_images(), repl)
+  side_store = None
+  if uses_clip:  # CLIP2FL: CLIP's zero-shot logits of every client image, its class texts
+    side_store, text_emb = _clip_side_data(config, algo.name, data, workdir)
+    if algo.server_data == "class_text_embeddings":
+      server_images = jax.device_put(text_emb, repl)
+    if algo.side_data is None:
+      side_store = None
+    elif d.placement == "device":
+      side_store = jax.device_put(side_store, repl)
   pad_to = sharding.pad_to_multiple(fl.clients_per_round, mesh)
   n_max = data.images.shape[1]
   param_dtype = jax.tree.leaves(state["variables"]["params"])[0].dtype
@@ -256,6 +269,8 @@ def run(
       aug_key=keys["augment"],
     )
     images, labels = gather(store, jnp.asarray(ids))
+    if side_store is not None:
+      inputs = inputs._replace(side=jax.device_put(side_store[ids], cs))
     inputs = inputs._replace(
       images=images,
       labels=labels,
@@ -346,3 +361,25 @@ def _write_outputs(workdir, final, meta, history, names, pool) -> dict:
     report.save_curve_png(rows, os.path.join(workdir, "accuracy.png"))
   report.write_json(os.path.join(workdir, REPORT), out)
   return out
+
+
+def _clip_side_data(config, method: str, data, workdir: str):
+  """``(teacher logits [K, N_max, C], class text embeddings [C, D])`` for a method that
+  distills CLIP (``side_data="teacher_logits"``), with the prompts ``config.fl.<method>.templates``
+  and the data set's readable class names; cached in ``config.align.cache_dir`` (or workdir)."""
+  try:
+    names = classnames.get_classnames(config.data.name)
+  except ValueError as e:
+    raise errors.ConfigError(
+      f"config.fl.algorithm={method!r} prompts CLIP with readable class names and "
+      f"config.data.name={config.data.name!r} has none ({e})."
+    ) from None
+  if len(names) != data.num_classes:
+    raise errors.ConfigError(
+      f"config.data.name={config.data.name!r} has {data.num_classes} classes but "
+      f"{len(names)} readable class names."
+    )
+  cache = config.align.cache_dir or os.path.join(workdir, "teacher")
+  return teacher_q.client_teacher_logits(
+    config, data.images, names, config.fl[method].templates, cache, method=method
+  )
