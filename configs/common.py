@@ -174,6 +174,14 @@ def base_config() -> ml_collections.ConfigDict:
   # before the long tail (no client holds them). The code draws them from the training set
   # (ratio_loss_data) without a count we could read; 10 = a small balanced set.
   c.fl.ratioloss.aux_per_class = 10
+  # CLIP2FL (shijiangming1/CLIP2FL options.py): CReFF's part from config.fl.creff (same values);
+  # the teacher is config.align.teacher.
+  c.fl.clip2fl = ml_collections.ConfigDict()
+  c.fl.clip2fl.alpha = 1.0  # --alpha, Eq. 1's weight of the CLIP distillation
+  c.fl.clip2fl.temperature = 3.0  # --T, KDLoss temperature
+  c.fl.clip2fl.contrast_alpha = 0.001  # --contrast_alpha, Eq. 8's weight of the text contrast
+  c.fl.clip2fl.tau = 0.1  # --ins_temp, SupConLoss_text temperature
+  c.fl.clip2fl.templates = "default"  # main.py:478 uses one prompt, "a photo of a {c}"
 
   # Stage 1 (Sec. 3.1, Eq. 2; Sec. 4.1's recipe): annotate unlabeled images with the MLLM, then
   # Dynamic Weighted Pretraining of g_fl (backbone + feature MLP) inside the frozen LLaVA.

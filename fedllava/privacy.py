@@ -47,19 +47,17 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fedllava import errors
+from fedllava import accounting, errors
 from fedllava.algorithms import base
 
 DP_KEY_TAG = 0x0D9  # folded into the round's server key: the DP noise's own stream
-ACCOUNTING = ("without_replacement", "poisson")
+ACCOUNTING = accounting.ACCOUNTING
 
 
 # ---- the mechanism (inside the round's jit) ----
@@ -225,143 +223,20 @@ def wrap(algorithm: base.FLAlgorithm, settings: DPSettings) -> base.FLAlgorithm:
   )
 
 
-# ---- accounting (host side, dp_accounting) ----
-class Accountant:
-  """Epsilon after ``t`` rounds of DP-FedAvg at ``delta`` (RDP, dp_accounting).
-
-  Args:
-    num_clients: ``N`` (with ``noise_cohort_size`` the population the guarantee refers to is
-      ``N M / m``, sampled at the same rate).
-    cohort: ``m`` clients sampled per round (``M`` with ``noise_cohort_size``).
-    noise_multiplier: ``z`` (adaptive clipping: ``z_Delta`` and ``2 sigma_b`` composed).
-    count_noise: ``sigma_b`` (0: no adaptive clipping).
-    accounting: ``"without_replacement"`` (replace-one) or ``"poisson"`` (add/remove-one).
-  """
-
-  def __init__(self, num_clients, cohort, noise_multiplier, delta, count_noise=0.0,
-               accounting="without_replacement"):  # fmt: skip
-    import dp_accounting as dpa
-    from dp_accounting import rdp
-
-    self.delta, self.accounting = delta, accounting
-    update = update_noise_multiplier(noise_multiplier, count_noise)
-    # Sensitivities: add/remove-one, C for the sum and 1/2 for the centred count; replace-one
-    # doubles both (2C, 1).
-    factor = 1.0 if accounting == "poisson" else 0.5
-    parts = [dpa.GaussianDpEvent(update * factor)]
-    if count_noise > 0:
-      parts.append(dpa.GaussianDpEvent(2 * count_noise * factor))
-    inner = parts[0] if len(parts) == 1 else dpa.ComposedDpEvent(parts)
-    if accounting == "poisson":
-      self.event = dpa.PoissonSampledDpEvent(cohort / num_clients, inner)
-      relation = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
-    else:
-      self.event = dpa.SampledWithoutReplacementDpEvent(num_clients, cohort, inner)
-      relation = dpa.NeighboringRelation.REPLACE_ONE
-    acc = rdp.RdpAccountant(neighboring_relation=relation)
-    acc.compose(self.event)
-    # One round's RDP curve (the library keeps it in these attributes; composing over rounds is
-    # multiplying it, so epsilon(t) needs no new accountant per round).
-    self.orders, self.rdp_per_round = np.asarray(acc._orders), np.asarray(acc._rdp)
-
-  def epsilon(self, rounds: int) -> float:
-    """Epsilon at ``delta`` after ``rounds`` rounds (RDP composes linearly over rounds)."""
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    if rounds <= 0:
-      return 0.0
-    return float(rdp_privacy_accountant.compute_epsilon(
-      self.orders, self.rdp_per_round * rounds, self.delta)[0])  # fmt: skip
-
-  def max_rounds(self, budget: float, rounds: int) -> int:
-    """The most rounds ``<= rounds`` whose epsilon stays within ``budget``."""
-    lo, hi = 0, rounds
-    while lo < hi:  # epsilon grows with rounds
-      mid = (lo + hi + 1) // 2
-      lo, hi = (mid, hi) if self.epsilon(mid) <= budget else (lo, mid - 1)
-    return lo
-
-
-def update_noise_multiplier(z: float, count_noise: float) -> float:
-  """Andrew et al. Sec. 3.1: ``z_Delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` (``z`` without the count)."""
-  if count_noise <= 0 or z <= 0:
-    return z
-  return (z**-2 - (2 * count_noise) ** -2) ** -0.5
-
-
-@functools.lru_cache(maxsize=32)
-def calibrate_noise(target_epsilon, rounds, num_clients, cohort, delta, accounting) -> float:
-  """The smallest ``z`` (to 0.1%) whose epsilon after ``rounds`` is ``<= target_epsilon``
-  (binary search with the accountant). With adaptive clipping ``z`` is the total of both
-  releases (``z_Delta`` and ``2 sigma_b`` compose to it), so the same ``z`` is calibrated."""
-
-  def eps(z):
-    return Accountant(num_clients, cohort, z, delta, 0.0, accounting).epsilon(rounds)
-
-  lo, hi = 0.0, 1.0
-  while eps(hi) > target_epsilon:
-    lo, hi = hi, hi * 2
-    if hi > 1e4:
-      raise errors.ConfigError(
-        f"config.fl.dp.target_epsilon={target_epsilon} is out of reach for {rounds} rounds "
-        "(noise multiplier above 1e4); raise it or lower config.fl.rounds."
-      )
-  while hi - lo > 1e-3 * hi:
-    mid = (lo + hi) / 2
-    lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
-  return hi
-
-
-# ---- config ----
-def _cohort(fl) -> int:
-  return int(fl.dp.noise_cohort_size or fl.clients_per_round)
-
-
-def _count_noise(fl) -> float:
-  """``sigma_b``: ``clipped_count_stddev`` or Andrew et al.'s ``M / 20``."""
-  if not fl.dp.adaptive_clip:
-    return 0.0
-  return float(fl.dp.clipped_count_stddev or _cohort(fl) / 20)
-
-
-def noise_multiplier(fl) -> float:
-  """``z``: ``config.fl.dp.noise_multiplier``, or calibrated to ``target_epsilon`` over
-  ``config.fl.rounds``."""
-  dp = fl.dp
-  if not dp.target_epsilon:
-    return float(dp.noise_multiplier)
-  return calibrate_noise(float(dp.target_epsilon), int(fl.rounds), _population(fl), _cohort(fl),
-                         float(dp.delta), dp.accounting)  # fmt: skip
-
-
-def _population(fl) -> int:
-  """``N`` (``N M / m`` with ``noise_cohort_size``: the population the guarantee refers to)."""
-  m, big = fl.clients_per_round, _cohort(fl)
-  return int(round(fl.num_clients * big / m))
-
-
 def settings_from_config(fl) -> DPSettings:
   dp = fl.dp
-  z = noise_multiplier(fl)
-  sigma_b = _count_noise(fl)
+  z = accounting.noise_multiplier(fl)
+  sigma_b = accounting.count_noise(fl)
   return DPSettings(
     clip_norm=float(dp.clip_norm),
-    update_noise=update_noise_multiplier(z, sigma_b),
+    update_noise=accounting.update_noise_multiplier(z, sigma_b),
     denominator=int(fl.clients_per_round),
-    noise_cohort_size=_cohort(fl),
+    noise_cohort_size=accounting.cohort(fl),
     adaptive_clip=bool(dp.adaptive_clip),
     target_quantile=float(dp.target_quantile),
     clip_learning_rate=float(dp.clip_learning_rate),
     count_noise=sigma_b,
   )
-
-
-def accountant_from_config(fl) -> Accountant | None:
-  """The run's accountant, or None when DP is off."""
-  if not fl.dp.enabled:
-    return None
-  return Accountant(_population(fl), _cohort(fl), noise_multiplier(fl), float(fl.dp.delta),
-                    _count_noise(fl), fl.dp.accounting)  # fmt: skip
 
 
 def apply(algorithm: base.FLAlgorithm, fl) -> base.FLAlgorithm:
@@ -406,7 +281,7 @@ def validate(fl) -> None:
       bad("clip_learning_rate", "must be > 0 (Andrew et al.: 0.2).")
     if dp.clipped_count_stddev < 0:
       bad("clipped_count_stddev", "must be >= 0 (0: Andrew et al.'s cohort / 20).")
-    z, sb = noise_multiplier(fl), _count_noise(fl)
+    z, sb = accounting.noise_multiplier(fl), accounting.count_noise(fl)
     if z > 0 and not 2 * sb > z:
       raise errors.ConfigError(
         f"config.fl.dp: noise_multiplier={z:g} needs 2 * clipped_count_stddev > it "

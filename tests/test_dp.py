@@ -15,7 +15,7 @@ from conftest import tiny_digits
 from dp_accounting import rdp
 from test_methods import _setup
 
-from fedllava import algorithms, errors, main, privacy, sharding
+from fedllava import accounting, algorithms, errors, main, privacy, sharding
 from fedllava.algorithms import base, fedavg, fednova
 from fedllava.federate import rounds
 
@@ -157,7 +157,7 @@ def test_epsilon_matches_tf_privacys_published_mnist_table():
   accountant's number.) Mutations caught: q = m / N inverted, per-round RDP not multiplied by
   the rounds, the Poisson event replaced by a full-batch Gaussian."""
   for z, epochs, published in ((1.12, 60, 2.92), (1.2, 10, 1.20)):
-    acc = privacy.Accountant(60_000, 256, z, 1e-5, accounting="poisson")
+    acc = accounting.Accountant(60_000, 256, z, 1e-5, accounting="poisson")
     steps = epochs * 60_000 // 256
     classic = np.min(acc.rdp_per_round * steps + math.log(1e5) / (acc.orders - 1))
     assert round(float(classic), 2) == published
@@ -168,7 +168,7 @@ def test_without_replacement_accounting_uses_the_replace_one_sensitivity():
   """With m = N (q = 1) the subsampled Gaussian is the plain Gaussian, RDP(a) = a / (2 s^2), and
   under replace-one the clipped sum moves by 2C, so s = z / 2: RDP = 2 a / z^2 per round.
   Mutation caught: the replace-one factor 2 forgotten (epsilon 4x too small at q = 1)."""
-  acc = privacy.Accountant(4, 4, 1.7, 1e-5)
+  acc = accounting.Accountant(4, 4, 1.7, 1e-5)
   np.testing.assert_allclose(acc.rdp_per_round, 2 * acc.orders / 1.7**2, rtol=1e-10)
 
 
@@ -183,7 +183,7 @@ def test_target_epsilon_calibrates_the_noise_for_the_planned_rounds():
   """Mutations caught: calibrating for one round instead of config.fl.rounds, returning the
   lower end of the bisection (epsilon above the target)."""
   fl = tiny_digits(50, **{"fl.dp.enabled": True, "fl.dp.target_epsilon": 8.0}).fl
-  z = privacy.noise_multiplier(fl)
+  z = accounting.noise_multiplier(fl)
   n, m = fl.num_clients, fl.clients_per_round
   assert _library_epsilon(n, m, z, 1e-5, 50) <= 8.0 < _library_epsilon(n, m, z * 0.995, 1e-5, 50)
 

@@ -48,6 +48,13 @@ def _round(algo, strategy, dtype="float64"):
   data = jnp.asarray(pool) if algo.server_data == "unlabeled" else None
   if algo.server_data == "labeled_balanced":
     data = {"images": jnp.asarray(pool), "labels": jnp.arange(12, dtype=jnp.int32) % 3}
+  if algo.server_data == "class_text_embeddings":  # CLIP2FL: unit text embeddings [C, F]
+    dim = variables["params"]["classifier"]["kernel"].shape[0]
+    text = np.random.default_rng(6).normal(size=(3, dim))
+    data = jnp.asarray(text / np.linalg.norm(text, axis=1, keepdims=True))
+  if algo.side_data == "teacher_logits":  # CLIP2FL: per-example teacher logits [M, N_max, C]
+    side = np.random.default_rng(7).normal(size=inputs.labels.shape + (3,)) * 5
+    inputs = inputs._replace(side=jnp.asarray(side))
   server = {"data": data, "key": jax.random.PRNGKey(3)}
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 (the round donates its inputs)
   return fn(copy(variables), copy(state), inputs, server), (trainer, variables, state)

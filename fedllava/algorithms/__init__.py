@@ -11,6 +11,7 @@ from fedllava import errors
 from fedllava.algorithms import (
   base,
   ccvr,
+  clip2fl,
   creff,
   fedadam,
   fedavg,
@@ -39,6 +40,7 @@ METHODS = {
   "ccvr": ccvr,
   "creff": creff,
   "ratioloss": ratioloss,
+  "clip2fl": clip2fl,
 }
 ALGORITHMS = tuple(METHODS)
 

@@ -30,6 +30,16 @@ every kind's bytes: the paper's privacy argument (Table 1) is about exactly that
 aggregation needs the whole uploaded model (parameters and BN statistics), the method's state
 and the round's key: client-level DP (``fedllava/privacy.py``) clips the whole update and adds
 noise there. Methods without it keep the FedAvg path unchanged.
+
+Per-example side data (``side_data``, default None): a method may ask for one more array per
+training example, computed once on the host before round 1 and kept beside the client store
+as ``[K, N_max, ...]`` (``"teacher_logits"``: CLIP's zero-shot logits ``[K, N_max, C]`` float32
+of every client image, cached like stage 3's q; CLIP2FL's distillation). The round stacks the
+sampled clients' rows in ``RoundInputs.side``; the local step gathers them with the batch's
+``idx`` and calls ``client_loss(outputs, labels, weights, message, side=side[idx])``. Methods
+without side data are called without ``side`` (their ``client_loss`` is unchanged).
+Server-side: ``server_data="class_text_embeddings"`` hands the server step CLIP's unit text
+embedding of every class ``[C, D]`` (CLIP2FL's federated-feature contrast).
 """
 
 from __future__ import annotations
@@ -145,7 +155,8 @@ class FLAlgorithm(NamedTuple):
     server_optimizer: optax transformation applied to the delta.
     client_loss: ``(outputs, labels, weights, message) -> scalar``, the mean loss of one local
       batch; ``outputs`` is the model's dict (``logits``, ``features``), ``weights`` 0 marks a
-      padding example, ``message`` is what ``message`` computed this round (or None).
+      padding example, ``message`` is what ``message`` computed this round (or None). A method
+      with ``side_data`` gets one more keyword, ``side``: its side array's rows for the batch.
     client_upload: ``(model_fn, global_variables, local_variables, data: ClientData, message)
       -> {kind: tree}`` with kinds from ``UPLOAD_KINDS``; ``model_fn(variables, uint8 images)``
       is the model in eval mode on normalised images (its output dict).
@@ -153,10 +164,14 @@ class FLAlgorithm(NamedTuple):
     server_step: ``(ServerContext, model_fn) -> (variables sent to clients, state, metrics)``.
     message: ``(variables, state) -> tree`` sent to every client with the global model.
     eval_variables: ``(variables, state) -> variables`` that are evaluated.
-    server_data: which server-side images the server step needs: None, or "unlabeled" (the
-      training images that the long tail leaves out, without labels: FedDF, FedBE), or
+    server_data: which server-side data the server step needs: None, "unlabeled" (the
+      training images that the long tail leaves out, without labels: FedDF, FedBE),
       "labeled_balanced" (``config.fl.ratioloss.aux_per_class`` labelled images of every class,
-      held out of the training split before the long tail: Ratio Loss's monitor).
+      held out of the training split before the long tail: Ratio Loss's monitor) or
+      "class_text_embeddings" (CLIP's ``[C, D]`` unit class text embeddings, from
+      ``config.align.teacher``: CLIP2FL).
+    side_data: per-example data the local loss needs: None or "teacher_logits" (CLIP's
+      zero-shot logits of each client image, ``config.align.teacher``: CLIP2FL).
     aggregate: ``(AggregateContext) -> (pseudo_gradient, batch_stats, state, metrics)``; when
       set it replaces ``pseudo_gradient`` and the weighted BN mean (client-level DP); the
       ``server_optimizer`` then applies to its pseudo-gradient.
@@ -174,6 +189,11 @@ class FLAlgorithm(NamedTuple):
   eval_variables: Optional[Callable] = None
   server_data: Optional[str] = None
   aggregate: Optional[Callable] = None
+  side_data: Optional[str] = None
+
+
+SERVER_DATA = (None, "unlabeled", "labeled_balanced", "class_text_embeddings")
+SIDE_DATA = (None, "teacher_logits")
 
 
 def create(name: str, **parts) -> FLAlgorithm:
@@ -181,6 +201,8 @@ def create(name: str, **parts) -> FLAlgorithm:
   unknown = set(parts) - set(FLAlgorithm._fields)
   if unknown:
     raise TypeError(f"unknown method parts {sorted(unknown)}; see FLAlgorithm")
+  if parts.get("server_data") not in SERVER_DATA or parts.get("side_data") not in SIDE_DATA:
+    raise TypeError(f"server_data must be one of {SERVER_DATA}, side_data one of {SIDE_DATA}")
   return FLAlgorithm(name, **{k: v for k, v in parts.items() if v is not None})
 
 

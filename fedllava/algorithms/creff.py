@@ -149,7 +149,16 @@ def create(
   batch_size: int = 32,
   grad_batch: int = 32,
   grad_repeats: int = 10,
+  matcher=None,
 ) -> base.FLAlgorithm:
+  """CReFF; ``matcher(features, classifier, targets, has, ctx) -> (features, loss)`` replaces
+  the feature update (default ``match_features``; CLIP2FL adds a term)."""
+  if matcher is None:
+
+    def matcher(feats, clf, targets, has, ctx):
+      del ctx
+      return match_features(feats, clf, targets, has, learning_rate=match_lr, steps=match_steps)
+
   def message(variables, state):
     del variables
     return state["classifier"]
@@ -179,9 +188,7 @@ def create(
     feats = state["features"]
     grads = jax.tree.map(lambda x: x.astype(feats.dtype), ctx.uploads["gradients"])
     targets, has = aggregate(grads)
-    feats, match_loss = match_features(
-      feats, state["classifier"], targets, has, learning_rate=match_lr, steps=match_steps
-    )
+    feats, match_loss = matcher(feats, state["classifier"], targets, has, ctx)
     num_classes, n, dim = feats.shape
     k_init, k_shuffle = jax.random.split(ctx.key)
     fresh = classifier.fresh_classifier(k_init, dim, num_classes, feats.dtype)

@@ -32,7 +32,7 @@ stage directory ``checkpoints/``, ``report.json`` and ``confusion.png``; a compl
 loaded, not rerun.
 
 Modules: ``loss.py`` (Eq. 6 and the aligner on ``fedllava.supervised``'s epoch loop),
-``teacher_q.py`` (class names for the prompts, zero-shot q and its cache), ``stage.py``
+``fedllava/zero_shot.py`` (class names for the prompts, zero-shot q and its cache), ``stage.py``
 (``validate``, ``run``, ``make_round_hook``); the user-folder loader is data loading
 (``fedllava/data/folder.py``).
 """
@@ -50,8 +50,8 @@ from fedllava.align.stage import (
   validate,
 )
 from fedllava.align.stage import _prepare as _prepare  # tests build the context
-from fedllava.align.teacher_q import class_names, readable_names, zero_shot_q
 from fedllava.data.folder import AlignSet, check_folder, folder_index, load_folder
+from fedllava.zero_shot import class_names, readable_names, zero_shot_q
 
 __all__ = [
   "BN_MODES",

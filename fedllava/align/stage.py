@@ -13,11 +13,11 @@ import numpy as np
 
 from fedllava import checkpoint, errors, report, rng, sharding, supervised
 from fedllava.align.loss import create_aligner
-from fedllava.align.teacher_q import class_names, readable_names, zero_shot_q
 from fedllava.data import classnames, federated
 from fedllava.data.folder import AlignSet, check_folder, folder_index, load_folder
 from fedllava.models import hub, resnet
 from fedllava.stage import StageResult
+from fedllava.zero_shot import class_names, readable_names, zero_shot_q
 
 REPORT = "report.json"
 WHEN = ("end", "every_round")

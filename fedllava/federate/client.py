@@ -78,10 +78,11 @@ def _float_dtype(params) -> Any:
 class LocalTrainer(NamedTuple):
   """The pure functions of local training for one client (vmap them for many)."""
 
-  # (carry, images, labels, global_params, idx, weight, active, key, message) -> (carry, loss)
+  # (carry, images, labels, global_params, idx, weight, active, key, message, side=None)
+  #   -> (carry, loss); side: the client's per-example side array [N_max, ...] (or None)
   step: Callable
   init_carry: Callable  # (variables) -> carry
-  # (variables, images, labels, plan: BatchPlan, key, message=None, size=None)
+  # (variables, images, labels, plan: BatchPlan, key, message=None, size=None, side=None)
   #   -> (variables, metrics); metrics["upload"] holds the method's extra upload, if any
   train: Callable
   # (variables, uint8 images [N, H, W, C]) -> outputs, eval mode; train=True: (outputs, stats)
@@ -141,37 +142,48 @@ def create_local_trainer(
   tx = optax.sgd(learning_rate)
   model_fn = create_model_fn(model, mean, std)
 
-  def loss_fn(params, batch_stats, global_params, x, y, w, message):
+  def loss_fn(params, batch_stats, global_params, x, y, w, message, side):
     out, new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mask=w, mutable=["batch_stats"]
     )
-    loss = algorithm.client_loss(out, y, w, message)
+    if side is None:  # methods without side data keep the 4-argument client_loss
+      loss = algorithm.client_loss(out, y, w, message)
+    else:
+      loss = algorithm.client_loss(out, y, w, message, side=side)
     loss = loss + algorithm.local_penalty(params, global_params)
     return loss, new_vars["batch_stats"]
 
   def init_carry(variables):
     return (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
-  def step(carry, images, labels, global_params, idx, weight, active, key, message=None):
+  def step(carry, images, labels, global_params, idx, weight, active, key, message=None, side=None):
     params, batch_stats, opt_state = carry
     x = normalize(images[idx], mean, std, _float_dtype(params))
     x = augment(x, key, crop_padding, flip, per_batch_augment)
+    side_batch = None if side is None else jax.tree.map(lambda a: a[idx], side)
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params, batch_stats, global_params, x, labels[idx], weight.astype(x.dtype), message
+      params,
+      batch_stats,
+      global_params,
+      x,
+      labels[idx],
+      weight.astype(x.dtype),
+      message,
+      side_batch,
     )
     updates, new_opt = tx.update(grads, opt_state, params)
     new_carry = (optax.apply_updates(params, updates), new_stats, new_opt)
     carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_carry, carry)
     return carry, jnp.where(active, loss, 0.0)
 
-  def train(variables, images, labels, plan: BatchPlan, key, message=None, size=None):
+  def train(variables, images, labels, plan: BatchPlan, key, message=None, size=None, side=None):
     global_params = variables["params"]
     num_slots = plan.active.shape[0]
     keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_slots))
 
     def body(carry, xs):
       idx, weight, active, k = xs
-      return step(carry, images, labels, global_params, idx, weight, active, k, message)
+      return step(carry, images, labels, global_params, idx, weight, active, k, message, side)
 
     (params, stats, _), losses = jax.lax.scan(
       body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys)

@@ -24,17 +24,18 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from fedllava import (
+  accounting,
   algorithms,
   checkpoint,
   errors,
   metrics,
-  privacy,
   report,
   rng,
   sharding,
   supervised,
+  zero_shot,
 )
-from fedllava.data import federated, partition
+from fedllava.data import classnames, federated, partition
 from fedllava.federate import client, rounds
 from fedllava.models import resnet
 from fedllava.stage import StageResult, start_from
@@ -134,6 +135,9 @@ def run(
   d, fl = config.data, config.fl
   complete = is_complete(workdir, config)
   algo = algorithms.create(fl)
+  uses_clip = algo.side_data == "teacher_logits" or algo.server_data == "class_text_embeddings"
+  if uses_clip:
+    zero_shot._require_teacher(config, algo.name)
   data = federated.build(config, unlabeled=algo.server_data == "unlabeled")
   mesh = sharding.create_client_mesh(config.mesh.num_devices or None)
   model = resnet.create_model(config.model, data.num_classes)
@@ -214,6 +218,15 @@ def run(
     server_images = jax.device_put(data.unlabeled_images(), repl)
   elif algo.server_data == "labeled_balanced":  # Ratio Loss: the monitor's labelled images
     server_images = jax.device_put(data.labeled_server_data(), repl)
+  side_store = None
+  if uses_clip:  # CLIP2FL: CLIP's zero-shot logits of every client image, its class texts
+    side_store, text_emb = _clip_side_data(config, algo.name, data, workdir)
+    if algo.server_data == "class_text_embeddings":
+      server_images = jax.device_put(text_emb, repl)
+    if algo.side_data is None:
+      side_store = None
+    elif d.placement == "device":
+      side_store = jax.device_put(side_store, repl)
   pad_to = sharding.pad_to_multiple(fl.clients_per_round, mesh)
   n_max = data.images.shape[1]
   param_dtype = jax.tree.leaves(state["variables"]["params"])[0].dtype
@@ -233,10 +246,10 @@ def run(
     + ("; aligned after every round" if after_round is not None else "")
   )
 
-  accountant = privacy.accountant_from_config(fl)
+  accountant = accounting.accountant_from_config(fl)
   stop = fl.rounds
   if accountant is not None:
-    stop = _dp_plan(fl, accountant, done)
+    stop = accounting.plan(fl, accountant, done)
 
   writer = metrics.MetricWriter(workdir, resume_step=done, active=jax.process_index() == 0)
   if done and meta.get("scalars") and done not in {r["step"] for r in writer.history()}:
@@ -264,6 +277,8 @@ def run(
       aug_key=keys["augment"],
     )
     images, labels = gather(store, jnp.asarray(ids))
+    if side_store is not None:
+      inputs = inputs._replace(side=jax.device_put(side_store[ids], cs))
     inputs = inputs._replace(
       images=images,
       labels=labels,
@@ -317,58 +332,9 @@ def run(
     final = test_report(algorithms.base.evaluated(algo, state["variables"], state["server_state"]))
   pool = {"train_pool_size": len(data.train), "d_align_held_out": len(data.align_indices)}
   if accountant is not None:
-    pool["dp"] = _dp_report(fl, accountant, stop)
+    pool["dp"] = accounting.report(fl, accountant, stop)
   out = _write_outputs(workdir, final, meta, history, data.test.class_names, pool)
   return StageResult(state["variables"], out)
-
-
-def _dp_plan(fl, accountant, done) -> int:
-  """Prints the privacy plan; returns the rounds to run (fewer when the budget stops earlier)."""
-  dp = fl.dp
-  z = privacy.noise_multiplier(fl)
-  how = (
-    "sampling without replacement, replace-one"
-    if dp.accounting == "without_replacement"
-    else "Poisson sampling at q = m / N, add/remove-one (the literature's convention; not "
-    "exact for our fixed-size sampler)"
-  )
-  print(
-    f"[dp] client-level DP-FedAvg: clip {dp.clip_norm:g}"
-    + (" (adaptive)" if dp.adaptive_clip else "")
-    + f", noise multiplier {z:.4g}"
-    + (f" (calibrated to target_epsilon={dp.target_epsilon:g})" if dp.target_epsilon else "")
-    + f"; accountant: RDP, {how}; epsilon after {fl.rounds} rounds "
-    f"{accountant.epsilon(fl.rounds):.4g} at delta={dp.delta:g}"
-  )
-  if dp.noise_cohort_size:
-    print(
-      f"[dp] noise_cohort_size={dp.noise_cohort_size}: noise as for a cohort of that size; "
-      "epsilon refers to a population of "
-      f"{fl.num_clients * dp.noise_cohort_size // fl.clients_per_round} clients"
-    )
-  if not dp.epsilon_budget:
-    return fl.rounds
-  stop = accountant.max_rounds(dp.epsilon_budget, fl.rounds)
-  if stop < fl.rounds:
-    print(
-      f"[dp] stopping after round {stop} of {fl.rounds}: round {stop + 1} would bring epsilon "
-      f"to {accountant.epsilon(stop + 1):.4g} > config.fl.dp.epsilon_budget="
-      f"{dp.epsilon_budget:g} (delta={dp.delta:g})"
-    )
-  return max(stop, done)  # a resumed run never goes back
-
-
-def _dp_report(fl, accountant, rounds_run) -> dict:
-  eps = accountant.epsilon(rounds_run)
-  return {
-    "epsilon": eps if math.isfinite(eps) else None,
-    "delta": fl.dp.delta,
-    "rounds_run": rounds_run,
-    "stopped_by_budget": rounds_run < fl.rounds,
-    "noise_multiplier": privacy.noise_multiplier(fl),
-    "accounting": fl.dp.accounting,
-    "noise_cohort_size": fl.dp.noise_cohort_size or fl.clients_per_round,
-  }
 
 
 def _diverged(round_index, variables, ckpt, writer, where="after aggregation"):
@@ -407,3 +373,25 @@ def _write_outputs(workdir, final, meta, history, names, pool) -> dict:
     report.save_curve_png(rows, os.path.join(workdir, "accuracy.png"))
   report.write_json(os.path.join(workdir, REPORT), out)
   return out
+
+
+def _clip_side_data(config, method: str, data, workdir: str):
+  """``(teacher logits [K, N_max, C], class text embeddings [C, D])`` for a method that
+  distills CLIP (``side_data="teacher_logits"``), with the prompts ``config.fl.<method>.templates``
+  and the data set's readable class names; cached in ``config.align.cache_dir`` (or workdir)."""
+  try:
+    names = classnames.get_classnames(config.data.name)
+  except ValueError as e:
+    raise errors.ConfigError(
+      f"config.fl.algorithm={method!r} prompts CLIP with readable class names and "
+      f"config.data.name={config.data.name!r} has none ({e})."
+    ) from None
+  if len(names) != data.num_classes:
+    raise errors.ConfigError(
+      f"config.data.name={config.data.name!r} has {data.num_classes} classes but "
+      f"{len(names)} readable class names."
+    )
+  cache = config.align.cache_dir or os.path.join(workdir, "teacher")
+  return zero_shot.client_teacher_logits(
+    config, data.images, names, config.fl[method].templates, cache, method=method
+  )

@@ -39,14 +39,17 @@ class RoundInputs(NamedTuple):
   keys: Any  # [M] PRNG keys (augmentation)
   weights: Any  # [M] float32, |D_k| / sum |D_k|, 0 for padding clients
   sizes: Any = None  # [M] int32 |D_k| (0 for padding clients): what client_upload counts
+  side: Any = (
+    None  # [M, N_max, ...] the method's per-example side data (base.FLAlgorithm.side_data)
+  )
 
 
 def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
   """Maps single-client ``train`` over a (device-local) client axis."""
 
-  def per_client(variables, message, images, labels, plan, keys, sizes):
-    f = lambda im, lb, pl, k, n: train(variables, im, lb, pl, k, message, n)  # noqa: E731
-    xs = (images, labels, plan, keys, sizes)
+  def per_client(variables, message, images, labels, plan, keys, sizes, side):
+    f = lambda im, lb, pl, k, n, sd: train(variables, im, lb, pl, k, message, n, sd)  # noqa: E731
+    xs = (images, labels, plan, keys, sizes, side)
     if strategy == "vmap":
       return jax.vmap(f)(*xs)
     if strategy == "map":
@@ -91,7 +94,7 @@ def create_round_fn(
   clients_fn = jax.shard_map(
     _run_clients(trainer.train, strategy, group_size),
     mesh=mesh,
-    in_specs=(P(), P(), P(c), P(c), P(c), P(c), P(c)),
+    in_specs=(P(), P(), P(c), P(c), P(c), P(c), P(c), P(c)),
     out_specs=P(c),
     check_vma=False,
   )
@@ -101,7 +104,14 @@ def create_round_fn(
     opt_state, method_state = base.split_server_state(algorithm, server_state)
     message = None if algorithm.message is None else algorithm.message(variables, method_state)
     client_vars, m = clients_fn(
-      variables, message, inputs.images, inputs.labels, inputs.plan, inputs.keys, inputs.sizes
+      variables,
+      message,
+      inputs.images,
+      inputs.labels,
+      inputs.plan,
+      inputs.keys,
+      inputs.sizes,
+      inputs.side,
     )
     uploads = m.pop("upload", {})
     metrics = {

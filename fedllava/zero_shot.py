@@ -1,4 +1,7 @@
-"""q, CLIP's zero-shot logits of D_align (Eq. 6's teacher), and the class names its prompts use.
+"""CLIP's zero-shot logits of images, cached on disk, and the class names its prompts use.
+
+Shared by stage 3 (q of D_align, Eq. 6's teacher) and by the FL methods that distill CLIP on the
+clients (CLIP2FL's per-example teacher logits), so neither stage room imports the other.
 
 The prompts name the classes readably (``classnames.get_classnames``: "a photo of a tench.",
 never a synset id or a digit). q is computed once and cached on disk, keyed by the images, the
@@ -131,3 +134,79 @@ def zero_shot_q(config, dset: AlignSet, names, cache_dir: str, load_teacher=None
     f.write(buf.getvalue())
   print(f"[align] zero-shot q of {len(q)} images from {config.align.teacher} cached in {path}")
   return q.astype(np.float32)
+
+
+def _require_teacher(config, method: str) -> None:
+  if not config.align.teacher:
+    raise errors.ConfigError(
+      f"config.fl.algorithm={method!r} distills CLIP's zero-shot predictions and needs a CLIP: "
+      "set config.align.teacher (hub name or local CLIP directory); it is empty."
+    )
+
+
+def _load(config, load_teacher):
+  if load_teacher is None:
+    from fedllava.models import clip  # transformers only when a teacher is used
+
+    load_teacher = clip.ClipTeacher.load
+  try:
+    return load_teacher(config.align.teacher)
+  except (OSError, ValueError) as e:
+    raise errors.ConfigError(
+      f"config.align.teacher={config.align.teacher!r} could not be loaded ({e}); point it to a "
+      "local CLIP checkpoint directory."
+    ) from None
+
+
+def client_teacher_logits(
+  config,
+  images: np.ndarray,
+  names,
+  templates: str,
+  cache_dir: str,
+  *,
+  method: str,
+  load_teacher=None,
+):
+  """CLIP's zero-shot logits of every client image and its class text embeddings.
+
+  The per-example side array of a method with ``side_data="teacher_logits"`` (CLIP2FL): float32
+  ``[K, N_max, C]`` for the padded client store ``images`` ``[K, N_max, H, W, 3]`` (padding rows
+  get their copy's logits; their weight is 0), and the unit class embeddings ``[C, D]`` from
+  the same prompts. Cached like ``zero_shot_q``: keyed by the data set, the store's pixels,
+  the teacher, the prompts and the class names; a damaged file is set aside and recomputed.
+
+  Raises:
+    ConfigError: ``config.align.teacher`` is empty or cannot be loaded.
+  """
+  _require_teacher(config, method)
+  key = {
+    "data": config.data.name,
+    "images_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+    "shape": list(images.shape),
+    "teacher": config.align.teacher,
+    "templates": classnames.get_templates(templates),
+    "classnames": list(names),
+  }
+  blob = json.dumps(key, sort_keys=True)
+  path = os.path.join(
+    cache_dir, f"client_zero_shot-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz"
+  )
+  k, n = images.shape[:2]
+  if os.path.exists(path):
+    q = _read_q_cache(path, blob, (k * n, len(names)))
+    if q is not None:
+      with np.load(path, allow_pickle=False) as f:
+        return q.reshape(k, n, -1), np.asarray(f["emb"], np.float32)
+  teacher = _load(config, load_teacher)
+  emb = np.asarray(teacher.class_embeddings(list(names), key["templates"]), np.float32)
+  flat = images.reshape((k * n,) + images.shape[2:])
+  q = np.asarray(teacher.zero_shot_logits(flat, emb, batch_size=config.eval.batch_size))
+  q = q.astype(np.float32)
+  os.makedirs(cache_dir, exist_ok=True)
+  buf = io.BytesIO()
+  np.savez(buf, q=q, emb=emb, key=np.asarray(blob))
+  with fileio.atomic_open(path, "wb") as f:
+    f.write(buf.getvalue())
+  print(f"[fl] zero-shot logits of {k}x{n} client images from {config.align.teacher} in {path}")
+  return q.reshape(k, n, -1), emb
