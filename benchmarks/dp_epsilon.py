@@ -50,7 +50,9 @@ def main(argv=None) -> dict:
   from fedllava import sweep
 
   seeds = list(range(a.seeds))
-  rounds = a.rounds or _config(math.inf, 0, 1).fl.rounds
+  import digits_lt
+
+  rounds = a.rounds or digits_lt.get_config().fl.rounds
   points = []
   start = time.perf_counter()
   for eps in (float(e) for e in a.epsilons.split(",")):
