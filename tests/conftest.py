@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,3 +116,18 @@ def prepared_tfds(data_dir, *names):
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
   return str(data_dir)
+
+
+def assert_same_tree(a, b):
+  """Every leaf of ``a`` equals ``b``'s, bit for bit (same tree structure)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def file_mtimes(directory):
+  """``{path: st_mtime_ns}`` of every file under ``directory``: "not rewritten" checks."""
+  return {
+    os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
+    for r, _, files in os.walk(directory)
+    for f in files
+  }

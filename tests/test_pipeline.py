@@ -4,9 +4,10 @@ alignment's measured effect on digits-LT IF=100."""
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
+from conftest import assert_same_tree as _assert_same
+from conftest import file_mtimes as _mtimes
 from conftest import tiny_digits
 
 from fedllava import align, federate, main
@@ -16,19 +17,6 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import digits_lt  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _tiny = tiny_digits
-
-
-def _assert_same(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _mtimes(d):
-  return {
-    os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
-    for r, _, files in os.walk(d)
-    for f in files
-  }
 
 
 def test_chain_with_a_clip_teacher_killed_after_stage_2_resumes_to_the_same_result(

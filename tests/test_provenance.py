@@ -4,9 +4,10 @@ starts from, changed; a complete stage whose key holds is loaded; every decision
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
+from conftest import assert_same_tree as _assert_same
+from conftest import file_mtimes as _mtimes
 from conftest import tiny_digits
 
 from fedllava import main, provenance
@@ -16,19 +17,6 @@ _NO_TEACHER = {"align.beta": 0.0, "align.teacher": ""}
 
 def _tiny(rounds, **overrides):
   return tiny_digits(rounds, **{**_NO_TEACHER, **overrides})
-
-
-def _assert_same(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _mtimes(d):
-  return {
-    os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
-    for r, _, files in os.walk(d)
-    for f in files
-  }
 
 
 def _log(workdir):
