@@ -385,15 +385,7 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> str:
     src = os.path.join(self._directory, str(step))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest_dir = os.path.join(self._directory, DAMAGED_DIR)
-    os.makedirs(dest_dir, exist_ok=True)
-    dest, n = os.path.join(dest_dir, f"{step}-{stamp}"), 1
-    while os.path.exists(dest):
-      n += 1
-      dest = os.path.join(dest_dir, f"{step}-{stamp}-{n}")
-    os.rename(src, dest)
-    return dest
+    return fileio.set_aside(src, os.path.join(self._directory, DAMAGED_DIR), str(step))
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -157,6 +157,22 @@ def clean_stale_temporaries(workdir: str, subdirs: Sequence[str] = STAGE_DIRS) -
   return sorted(removed)
 
 
+def set_aside(src: str, dest_dir: str, name: str) -> str:
+  """Moves ``src`` (a file or a directory) to ``dest_dir/<name>-<UTC time>[-n]``; never deletes.
+
+  Used for what must be kept but not reused: a damaged checkpoint step, a stale stage directory,
+  a damaged cache file. Returns the new path.
+  """
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  os.makedirs(dest_dir, exist_ok=True)
+  dest, n = os.path.join(dest_dir, f"{name}-{stamp}"), 1
+  while os.path.exists(dest):
+    n += 1
+    dest = os.path.join(dest_dir, f"{name}-{stamp}-{n}")
+  os.rename(src, dest)
+  return dest
+
+
 class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another run holds the workdir (or its lock cannot be checked); the message says what to do."""
 

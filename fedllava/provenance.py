@@ -212,14 +212,7 @@ def prepare(
   if reason is None:
     return
   if jax.process_index() == 0:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest_dir = os.path.join(workdir, SUPERSEDED_DIR)
-    os.makedirs(dest_dir, exist_ok=True)
-    dest, n = os.path.join(dest_dir, f"{stage}-{stamp}"), 1
-    while os.path.exists(dest):
-      n += 1
-      dest = os.path.join(dest_dir, f"{stage}-{stamp}-{n}")
-    os.rename(stage_dir, dest)
+    dest = fileio.set_aside(stage_dir, os.path.join(workdir, SUPERSEDED_DIR), stage)
     log(f"[{stage}] redone: {reason}; the old result is kept in {dest}")
     checkpoint.append_resume_log(
       workdir, {"time": _now(), "stage": stage, "redone": reason, "set_aside": dest}

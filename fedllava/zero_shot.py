@@ -10,7 +10,6 @@ teacher and the prompts; a damaged cache file is derived data, set aside and rec
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import json
@@ -81,14 +80,8 @@ def _read_q_cache(path: str, blob: str, shape) -> Optional[np.ndarray]:
     if q.shape != shape or q.dtype != np.float32:
       raise ValueError(f"q has shape {q.shape} {q.dtype}, expected {shape} float32")
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-    dest_dir = os.path.join(os.path.dirname(path), "damaged")
-    os.makedirs(dest_dir, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest, n = os.path.join(dest_dir, f"{os.path.basename(path)}-{stamp}"), 1
-    while os.path.exists(dest):
-      n += 1
-      dest = os.path.join(dest_dir, f"{os.path.basename(path)}-{stamp}-{n}")
-    os.rename(path, dest)
+    damaged = os.path.join(os.path.dirname(path), "damaged")
+    dest = fileio.set_aside(path, damaged, os.path.basename(path))
     why = type(e).__name__
     print(f"[align] zero-shot q cache {path} is damaged ({why}); moved to {dest}; recomputing")
     return None
