@@ -93,8 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.server_lr = 1.0
   c.fl.prox_mu = 0.01
   c.fl.server_momentum = 0.9
-  c.fl.client_parallelism = "vmap"  # vmap | map | group
-  c.fl.group_size = 1
+  c.fl.client_parallelism = "vmap"  # vmap | map | group | chunked (rounds.py: equal results)
+  # Clients per vmapped chunk of "group" / "chunked"; 0: auto, the largest that fits the
+  # device's memory (rounds.auto_group_size), printed at the first round.
+  c.fl.group_size = 0
   # Each FL method's own hyperparameters (fedllava/algorithms/<name>.py says where each
   # default comes from).
   c.fl.fedadam = ml_collections.ConfigDict()  # also fedyogi; Reddi et al. 2021, Sec. 5 / App. D

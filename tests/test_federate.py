@@ -168,7 +168,7 @@ def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):
     ({"model.conv_impl": "winograd"}, "conv_impl"),
     ({"eval.every": 0}, "eval.every"),
     ({"eval.batch_size": 0}, "eval.batch_size"),
-    ({"fl.group_size": 0}, "fl.group_size"),
+    ({"fl.group_size": -1}, "fl.group_size"),
     ({"fl.client_parallelism": "group", "fl.group_size": 3}, "group_size=3 must divide"),
     ({"mesh.num_devices": -1}, "mesh.num_devices"),
     ({"data.crop_padding": -1}, "crop_padding"),

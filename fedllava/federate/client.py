@@ -82,8 +82,9 @@ class LocalTrainer(NamedTuple):
   #   -> (carry, loss); side: the client's per-example side array [N_max, ...] (or None)
   step: Callable
   init_carry: Callable  # (variables) -> carry
-  # (variables, images, labels, plan: BatchPlan, key, message=None, size=None, side=None)
-  #   -> (variables, metrics); metrics["upload"] holds the method's extra upload, if any
+  # (variables, images, labels, plan: BatchPlan, key, message=None, size=None, side=None,
+  #  num_iters=None) -> (variables, metrics); metrics["upload"] holds the method's extra upload,
+  #  if any; num_iters: run only the active steps, this many iterations (rounds' "chunked")
   train: Callable
   # (variables, uint8 images [N, H, W, C]) -> outputs, eval mode; train=True: (outputs, stats)
   model_fn: Callable = None
@@ -176,20 +177,70 @@ def create_local_trainer(
     carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_carry, carry)
     return carry, jnp.where(active, loss, 0.0)
 
-  def train(variables, images, labels, plan: BatchPlan, key, message=None, size=None, side=None):
+  def _active_steps(variables, images, labels, plan, key, message, side, num_iters):
+    """Only the active slots, in slot order, for ``num_iters`` iterations (a dynamic trip count,
+    the ``chunked`` strategy's). Iteration t runs the t-th active slot with that slot's own key
+    (``fold_in(key, slot)``), so the steps equal the scan's; iterations past this client's
+    active steps land on an inactive slot: a masked no-op (the caller's chunk runs its longest
+    client's count)."""
+    global_params = variables["params"]
+    # Active slots first, each group in slot order (stable): the order the scan meets them.
+    order = jnp.argsort(jnp.logical_not(plan.active), stable=True).astype(jnp.int32)
+
+    def body(t, state):
+      carry, loss_sum = state
+      s = order[jnp.minimum(t, order.shape[0] - 1)]
+      k = jax.random.fold_in(key, s)
+      carry, loss = step(
+        carry,
+        images,
+        labels,
+        global_params,
+        plan.idx[s],
+        plan.weight[s],
+        plan.active[s],
+        k,
+        message,
+        side,
+      )
+      return carry, loss_sum + loss.astype(loss_sum.dtype)
+
+    zero = jnp.zeros((), _float_dtype(global_params))
+    (params, stats, _), loss_sum = jax.lax.fori_loop(
+      0, num_iters, body, (init_carry(variables), zero)
+    )
+    return params, stats, loss_sum
+
+  def train(
+    variables,
+    images,
+    labels,
+    plan: BatchPlan,
+    key,
+    message=None,
+    size=None,
+    side=None,
+    num_iters=None,
+  ):
     global_params = variables["params"]
     num_slots = plan.active.shape[0]
-    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_slots))
+    if num_iters is None:  # every slot of the plan, masked ones included (a static scan)
+      keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_slots))
 
-    def body(carry, xs):
-      idx, weight, active, k = xs
-      return step(carry, images, labels, global_params, idx, weight, active, k, message, side)
+      def body(carry, xs):
+        idx, weight, active, k = xs
+        return step(carry, images, labels, global_params, idx, weight, active, k, message, side)
 
-    (params, stats, _), losses = jax.lax.scan(
-      body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys)
-    )
+      (params, stats, _), losses = jax.lax.scan(
+        body, init_carry(variables), (plan.idx, plan.weight, plan.active, keys)
+      )
+      loss_sum = jnp.sum(losses)
+    else:
+      params, stats, loss_sum = _active_steps(
+        variables, images, labels, plan, key, message, side, num_iters
+      )
     num_steps = jnp.sum(plan.active.astype(jnp.int32))
-    metrics = {"loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}
+    metrics = {"loss": loss_sum / jnp.maximum(num_steps, 1), "num_steps": num_steps}
     local = {"params": params, "batch_stats": stats}
     if algorithm.client_upload is not None:
       n = images.shape[0] if size is None else size

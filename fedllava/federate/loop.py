@@ -59,9 +59,14 @@ def validate(config) -> None:
       f"config.fl.clients_per_round={fl.clients_per_round} must be between 1 "
       f"and config.fl.num_clients={fl.num_clients}."
     )
-  for field in ("rounds", "local_epochs", "batch_size", "group_size"):
+  for field in ("rounds", "local_epochs", "batch_size"):
     if fl[field] < 1:
       raise errors.ConfigError(f"config.fl.{field}={fl[field]} must be >= 1.")
+  if fl.group_size < 0:
+    raise errors.ConfigError(
+      f"config.fl.group_size={fl.group_size} must be >= 1, or 0 for auto (the largest chunk of "
+      "clients that fits the device's memory)."
+    )
   for field in ("learning_rate", "server_lr"):
     if not (fl[field] > 0 and math.isfinite(fl[field])):
       raise errors.ConfigError(
@@ -76,7 +81,7 @@ def validate(config) -> None:
     raise errors.ConfigError(
       f"config.fl.client_parallelism={fl.client_parallelism!r}; choose one of {rounds.STRATEGIES}."
     )
-  if fl.client_parallelism == "group":
+  if fl.client_parallelism == "group" and fl.group_size:
     devices = config.mesh.num_devices or jax.device_count()
     per_device = -(-fl.clients_per_round // devices)
     if per_device % fl.group_size:
@@ -291,6 +296,8 @@ def run(
     variables, server_state, m = round_fn(
       state["variables"], state["server_state"], inputs, server_inputs
     )
+    if r == done and fl.client_parallelism in ("group", "chunked"):
+      _print_group_size(round_fn, mesh.size)
     if not bool(m["finite"]):
       _diverged(r + 1, variables, ckpt, writer)
     if after_round is not None:
@@ -335,6 +342,18 @@ def run(
     pool["dp"] = accounting.report(fl, accountant, stop)
   out = _write_outputs(workdir, final, meta, history, data.test.class_names, pool)
   return StageResult(state["variables"], out)
+
+
+def _print_group_size(round_fn, num_devices: int) -> None:
+  info = getattr(round_fn, "info", {})
+  if "budget_bytes" not in info:
+    return
+  tqdm.write(
+    f"[fl] group_size auto: {info['group_size']} clients per chunk "
+    f"({info['per_client_bytes'] / 2**20:.1f} MiB each, {info['fixed_bytes'] / 2**20:.1f} MiB "
+    f"fixed; {info['memory_fraction']:g} of {info['budget_bytes'] / 2**30:.2f} GiB free per "
+    f"device, {info['budget_source']}; {num_devices} device(s))"
+  )
 
 
 def _diverged(round_index, variables, ckpt, writer, where="after aggregation"):

@@ -14,6 +14,7 @@ grouped convolutions), ``map`` (``lax.map``: one client after another), ``group`
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -27,7 +28,7 @@ from fedllava import algorithms, sharding
 from fedllava.federate import client
 
 PyTree = Any
-STRATEGIES = ("vmap", "map", "group")
+STRATEGIES = ("vmap", "map", "group", "chunked")
 
 
 class RoundInputs(NamedTuple):
@@ -54,6 +55,8 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
       return jax.vmap(f)(*xs)
     if strategy == "map":
       return jax.lax.map(lambda a: f(*a), xs)
+    if strategy == "chunked":
+      return _chunked(train, variables, message, xs, group_size)
     n = images.shape[0]
     g = min(group_size, n)
     if n % g:
@@ -65,6 +68,42 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
     return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
   return per_client
+
+
+def _chunked(train: Callable, variables, message, xs, group_size: int):
+  """The ``chunked`` strategy: clients sorted by local step count, cut into chunks of
+  ``group_size``, a ``lax.map`` over the chunks and ``vmap`` inside one; a chunk runs only its
+  longest client's number of active steps (``train(..., num_iters=)``), not the plan's padded
+  slots. So a round costs about the sum of the clients' steps, however many clients it has.
+
+  The sort is a permutation of independent clients: outputs are put back in the input order
+  before the server reduces over them, so aggregation order and results are unchanged. A
+  chunk's client images are gathered inside the loop (one chunk at a time, not a sorted copy
+  of the round). When ``group_size`` does not divide the clients, the last chunk is filled
+  with copies of client 0 whose outputs are dropped and whose steps do not count in the trip.
+  """
+  images, labels, plan = xs[:3]
+  n = images.shape[0]
+  g = max(1, min(group_size, n))
+  num_chunks = -(-n // g)
+  steps = jnp.sum(plan.active.astype(jnp.int32), axis=-1)
+  order = jnp.argsort(-steps, stable=True).astype(jnp.int32)  # longest first, ties in order
+  fill = num_chunks * g - n
+  ids = jnp.concatenate([order, jnp.zeros((fill,), jnp.int32)]).reshape(num_chunks, g)
+  real = (jnp.arange(num_chunks * g) < n).reshape(num_chunks, g)
+
+  def f(im, lb, pl, k, sz, sd, trips):
+    return train(variables, im, lb, pl, k, message, sz, sd, num_iters=trips)
+
+  def chunk(a):
+    cid, ok = a
+    sub = jax.tree.map(lambda x: x[cid], xs)
+    trips = jnp.max(jnp.where(ok, steps[cid], 0))  # fillers (outputs dropped) do not count
+    return jax.vmap(f, in_axes=(0, 0, 0, 0, 0, 0, None))(*sub, trips)
+
+  out = jax.lax.map(chunk, (ids, real))
+  inverse = jnp.argsort(order)  # sorted position of each input client
+  return jax.tree.map(lambda x: x.reshape((num_chunks * g,) + x.shape[2:])[inverse], out)
 
 
 def create_round_fn(
@@ -91,13 +130,19 @@ def create_round_fn(
   if strategy not in STRATEGIES:
     raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
   c = sharding.CLIENTS
-  clients_fn = jax.shard_map(
-    _run_clients(trainer.train, strategy, group_size),
-    mesh=mesh,
-    in_specs=(P(), P(), P(c), P(c), P(c), P(c), P(c), P(c)),
-    out_specs=P(c),
-    check_vma=False,
-  )
+  # group_size 0 (auto, "group" / "chunked"): chosen from the first round's shapes and the
+  # device's memory (``auto_group_size``); ``run.info`` says what was chosen and why.
+  info = {} if group_size == 0 and strategy in ("group", "chunked") else {"group_size": group_size}
+
+  def clients_fn(*args):
+    return jax.shard_map(
+      _run_clients(trainer.train, strategy, info["group_size"]),
+      mesh=mesh,
+      in_specs=(P(), P(), P(c), P(c), P(c), P(c), P(c), P(c)),
+      out_specs=P(c),
+      check_vma=False,
+    )(*args)
+
   base = algorithms.base
 
   def round_fn(variables, server_state, inputs: RoundInputs, server_inputs):
@@ -166,9 +211,144 @@ def create_round_fn(
   def run(variables, server_state, inputs: RoundInputs, server_inputs=None):
     if server_inputs is None:
       server_inputs = {"data": None, "key": None}
+    if "group_size" not in info:
+      method_state = base.split_server_state(algorithm, server_state)[1]
+      message = None if algorithm.message is None else algorithm.message(variables, method_state)
+      info.update(
+        auto_group_size(trainer, variables, message, inputs, mesh.size, divisor=strategy == "group")
+      )
     return jitted(variables, server_state, inputs, server_inputs)
 
+  run.info = info
   return run
+
+
+# --------------------------------------------------------------------------------------------
+# The chunk size from the device's memory (``fl.group_size = 0``).
+
+MEMORY_FRACTION = 0.5  # of the free memory the client chunks may take (estimates are rough)
+
+
+def memory_budget(device=None) -> tuple[int, str]:
+  """Free bytes one device can give the round, and where the figure comes from.
+
+  An accelerator: ``memory_stats()["bytes_limit"] - bytes_in_use`` (the client store and the
+  round's inputs are already in use). A CPU (no memory stats): the host's available memory
+  (``MemAvailable`` of /proc/meminfo) shared by the local devices.
+  """
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001  (not implemented on some backends)
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return free, f"{device.platform} bytes_limit - bytes_in_use"
+  return _host_available_bytes() // len(jax.local_devices()), "host MemAvailable / local devices"
+
+
+def _host_available_bytes() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def chunk_bytes(trainer: client.LocalTrainer, variables, message, one_client, g: int) -> int:
+  """Bytes XLA plans for one chunk of ``g`` clients: arguments (their data and plans), outputs
+  (their models and metrics) and temporaries (the local step's activations and gradients),
+  from ``compiled.memory_analysis()`` of the vmapped local training (compiled, not run).
+
+  Args:
+    one_client: ``(images, labels, plan, key, size, side)`` of one client (arrays or shape
+      structs, no client axis).
+  """
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((g,) + x.shape, x.dtype), one_client)
+
+  def f(v, msg, xs, trips):
+    fn = lambda im, lb, pl, k, n, sd: trainer.train(v, im, lb, pl, k, msg, n, sd, num_iters=trips)  # noqa: E731
+    return jax.vmap(fn)(*xs)
+
+  compiled = (
+    jax.jit(f)
+    .lower(
+      jax.tree.map(spec, variables),
+      jax.tree.map(spec, message),
+      stacked,
+      jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    .compile()
+  )
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def choose_group_size(
+  clients: int,
+  per_client_bytes: int,
+  fixed_bytes: int,
+  budget_bytes: int,
+  *,
+  fraction: float = MEMORY_FRACTION,
+  divisor: bool = False,
+) -> int:
+  """The largest chunk whose memory fits: ``fixed + g * per_client <= fraction * budget``.
+
+  At least 1 (a chunk of one client is the ``map`` strategy's memory), at most ``clients``; then
+  evened out over the chunks it needs (``ceil(clients / ceil(clients / g))``, so the last chunk
+  is not mostly filler). ``divisor=True`` (the ``group`` strategy): the largest divisor of
+  ``clients`` that fits.
+  """
+  room = fraction * budget_bytes - fixed_bytes
+  g = int(room // max(per_client_bytes, 1)) if room > 0 else 1
+  g = max(1, min(g, clients))
+  if divisor:
+    return max(d for d in range(1, g + 1) if clients % d == 0)
+  return -(-clients // -(-clients // g))
+
+
+def auto_group_size(
+  trainer: client.LocalTrainer,
+  variables,
+  message,
+  inputs: RoundInputs,
+  num_devices: int,
+  *,
+  divisor: bool = False,
+  budget: tuple[int, str] | None = None,
+) -> dict:
+  """``fl.group_size = 0``: the chunk size for this round's shapes and the device's memory.
+
+  The memory of a chunk is linear in its clients: ``chunk_bytes`` at 1 and 2 clients gives the
+  per-client cost (data, plan, model copies, step activations) and the fixed part. The round
+  also keeps every client's output model twice (sorted, then in input order): that is reserved
+  first. Returns ``{"group_size", "per_client_bytes", "fixed_bytes", "budget_bytes",
+  "budget_source"}`` (``run.info``; the loop prints it).
+  """
+  per_device = -(-inputs.images.shape[0] // num_devices)
+  one = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+    (inputs.images, inputs.labels, inputs.plan, inputs.keys, inputs.sizes, inputs.side),
+  )
+  b1 = chunk_bytes(trainer, variables, message, one, 1)
+  b2 = chunk_bytes(trainer, variables, message, one, 2)
+  per_client = max(b2 - b1, 1)
+  fixed = max(b1 - per_client, 0) + 2 * per_device * upload_bytes(variables)
+  free, source = budget if budget is not None else memory_budget()
+  g = choose_group_size(per_device, per_client, fixed, free, divisor=divisor)
+  return {
+    "group_size": g,
+    "per_client_bytes": per_client,
+    "fixed_bytes": fixed,
+    "budget_bytes": free,
+    "budget_source": source,
+    "memory_fraction": MEMORY_FRACTION,
+  }
 
 
 def all_finite(tree: PyTree) -> jax.Array:
