@@ -54,3 +54,34 @@ def test_resnet8_flops_by_hand():
   assert fl_round.resnet8_train_flops(1, 4) == 3 * want
   # CReFF's ResNet-8 (width 64) on 32x32: ~0.39 GFLOP forward per image.
   assert 0.38e9 < fl_round.resnet8_forward_flops(64, 32) < 0.40e9
+
+
+def test_fl_clients_ci_preset(tmp_path):
+  """The clients sweep runs (digits over 40 clients, 4 and 40 a round, auto chunk size) and
+  writes the fields the README's table reads."""
+  import fl_clients  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "clients.json"
+  res = fl_clients.main(["--preset=ci", "--repeats=1", f"--out={out}"])
+  saved = json.loads(out.read_text())
+  points = saved["datasets"]["digits"]["points"]
+  assert [p["clients_per_round"] for p in points] == [4, 40]
+  for p in points:
+    for field in ("examples", "s_per_round", "s_per_example", "peak_memory_bytes"):
+      assert p[field] > 0, field
+    assert 1 <= p["group_size"] <= p["clients_per_round"]
+    assert p["auto"]["budget_bytes"] > 0
+    # A chunk runs its longest client's steps: never fewer client-iterations than needed.
+    assert p["active_steps"] <= p["iterations"]
+  assert "chunked:auto" in saved["datasets"]["digits"]["s_per_example_ratio_max_vs_min_clients"]
+  assert (tmp_path / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert res["preset"] == "ci"
+
+
+def test_chunk_iterations_by_hand():
+  import fl_clients  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
+  # Sorted [5, 3, 2, 2, 1]; chunks of 2: 2 x (5 + 2 + 1) = 16; one chunk (vmap): 5 x 5 = 25.
+  assert fl_clients.chunk_iterations(np.array([2, 5, 1, 3, 2]), 2) == 16
+  assert fl_clients.chunk_iterations(np.array([2, 5, 1, 3, 2]), 5) == 25

@@ -158,6 +158,17 @@ def test_choose_group_size_with_a_fake_budget():
   # The group strategy needs a divisor of the clients per device: 12 clients, 5 fit -> 4.
   assert rounds.choose_group_size(12, mib, 0, 10 * mib, divisor=True) == 4
   assert rounds.choose_group_size(12, mib, 0, 10 * mib) == 4  # 3 chunks of 4 (not 5 + 5 + 2)
+  # The time model: 10 clients of 5 steps, 90 of 1, saturation 1 client. Sorted chunks of 10
+  # cost (1 + 10) x (5 + 9 x 1) = 154, less than 1 (2 x 140 = 280), 5 (6 x 28 = 168), 20
+  # (21 x 9 = 189) or one chunk of 100 (101 x 5 = 505).
+  steps = np.array([1] * 45 + [5] * 10 + [1] * 45)
+  assert rounds.choose_group_size(100, mib, 0, 1000 * mib, steps=steps, saturation=1.0) == 10
+  # A device busy only from 64 clients on: 2 chunks of 50, (64 + 50) x (5 + 1) = 684, beat
+  # one chunk of 100, 164 x 5 = 820, and chunks of 10, 74 x 14 = 1036.
+  assert rounds.choose_group_size(100, mib, 0, 1000 * mib, steps=steps, saturation=64.0) == 50
+  assert rounds.choose_group_size(100, mib, 0, 1000 * mib, steps=steps, saturation=1e4) == 100
+  # ... unless memory stops it at 30: ceil(100 / 4) = 25.
+  assert rounds.choose_group_size(100, mib, 0, 60 * mib, steps=steps, saturation=64.0) == 25
 
 
 def test_chunks_run_their_longest_clients_steps():
@@ -215,3 +226,16 @@ def test_federate_stage_runs_chunked_with_auto_group_size(tmp_path, capsys):
   assert np.isfinite(out.report["final"]["top1"])
   cap = capsys.readouterr()
   assert "[fl] group_size auto:" in cap.out + cap.err
+
+
+def test_sample_clients_memo_equals_a_fresh_replay():
+  """The sampler continues from its last call; any other order (a resume, a test) replays."""
+  fresh = []
+  for r in (0, 1, 2, 5, 9):
+    rs = np.random.RandomState(11)
+    for _ in range(r):
+      rs.choice(range(50), 7, replace=False)
+    fresh.append(rs.choice(range(50), 7, replace=False).tolist())
+  for order in ((0, 1, 2, 5, 9), (9, 2, 5, 0, 1)):
+    got = {r: rounds.sample_clients(11, r, 50, 7).tolist() for r in order}
+    assert [got[r] for r in (0, 1, 2, 5, 9)] == fresh

@@ -10,7 +10,10 @@ steps, so every client runs the same program (Eq. 3, ``w <- w - eta * grad L_loc
   optimizer state are carried over unchanged, and augmentation keys are derived from the
   step index, so there is no RNG state to advance;
 * a partial batch of ``m`` examples is a full SGD step on those ``m``: the mean loss over
-  them, and BN batch statistics over them only.
+  them, and BN batch statistics over them only;
+* ``train(..., num_iters=n)`` runs the active slots only, in order, for ``n`` iterations (a
+  dynamic trip count): the same steps as the scan over every slot when ``n`` is at least the
+  client's active steps (``rounds``' ``chunked`` strategy gives a chunk its longest client's).
 """
 
 from __future__ import annotations

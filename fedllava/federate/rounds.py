@@ -9,7 +9,11 @@ to a multiple of the device count and changes nothing.
 Client-parallel strategies (identical results, different speed; ``fl.client_parallelism``
 picks one, ``benchmarks/fl_round.py`` times each side by side): ``vmap`` (all local clients at once; per-client conv kernels lower to
 grouped convolutions), ``map`` (``lax.map``: one client after another), ``group``
-(``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group).
+(``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group), ``chunked``
+(``group`` over clients sorted by step count, each chunk running only its own active steps:
+a round of many small unequal clients costs their steps, not clients x the largest;
+``_chunked``). ``group_size=0`` picks the chunk size from the device's memory and the clients'
+step counts at the first call (``auto_group_size``; ``run.info`` holds the choice).
 """
 
 from __future__ import annotations
@@ -288,28 +292,50 @@ def chunk_bytes(trainer: client.LocalTrainer, variables, message, one_client, g:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
+# Examples per local step at which one device is busy: a chunk of g clients runs an iteration
+# in about (saturation + g) units, so below saturation more clients come almost free (GPU) and
+# above it each client costs its share (a CPU is busy with one batch). A first guess per
+# backend, for benchmarks/fl_clients.py's --group_sizes sweep to calibrate; fl.group_size > 0
+# overrides the whole choice.
+SATURATION_EXAMPLES = {"cpu": 32, "gpu": 2048, "tpu": 2048}
+
+
 def choose_group_size(
   clients: int,
   per_client_bytes: int,
   fixed_bytes: int,
   budget_bytes: int,
   *,
+  steps=None,
+  saturation: float = 1.0,
   fraction: float = MEMORY_FRACTION,
   divisor: bool = False,
 ) -> int:
-  """The largest chunk whose memory fits: ``fixed + g * per_client <= fraction * budget``.
+  """The chunk size: the cheapest that fits in memory.
 
-  At least 1 (a chunk of one client is the ``map`` strategy's memory), at most ``clients``; then
-  evened out over the chunks it needs (``ceil(clients / ceil(clients / g))``, so the last chunk
-  is not mostly filler). ``divisor=True`` (the ``group`` strategy): the largest divisor of
-  ``clients`` that fits.
+  Memory: ``fixed + g * per_client <= fraction * budget`` (at least 1: one client at a time
+  is the ``map`` strategy's memory). Among the sizes that fit, evened out over the chunks
+  they need (``ceil(clients / k)`` for k chunks, so the last chunk is not mostly filler), the
+  one with the least modelled time ``sum over chunks of max steps x (saturation + g)`` for
+  ``steps``, the clients' active steps (sorted longest first, as ``_chunked`` does); the
+  larger on a tie. Without ``steps``: the largest that fits. ``divisor=True`` (the ``group``
+  strategy, no sorting): the largest divisor of ``clients`` that fits.
   """
   room = fraction * budget_bytes - fixed_bytes
-  g = int(room // max(per_client_bytes, 1)) if room > 0 else 1
-  g = max(1, min(g, clients))
+  g_mem = int(room // max(per_client_bytes, 1)) if room > 0 else 1
+  g_mem = max(1, min(g_mem, clients))
   if divisor:
-    return max(d for d in range(1, g + 1) if clients % d == 0)
-  return -(-clients // -(-clients // g))
+    return max(d for d in range(1, g_mem + 1) if clients % d == 0)
+  sizes = sorted({-(-clients // k) for k in range(1, clients + 1)} & set(range(1, g_mem + 1)))
+  if steps is None:
+    return sizes[-1]
+  st = np.sort(np.asarray(steps, np.int64))[::-1]
+  best, best_cost = sizes[-1], None
+  for g in reversed(sizes):  # largest first: it wins ties
+    cost = (saturation + g) * float(np.sum(st[::g]))  # st[c * g]: chunk c's longest client
+    if best_cost is None or cost < best_cost:
+      best, best_cost = g, cost
+  return best
 
 
 def auto_group_size(
@@ -322,15 +348,20 @@ def auto_group_size(
   divisor: bool = False,
   budget: tuple[int, str] | None = None,
 ) -> dict:
-  """``fl.group_size = 0``: the chunk size for this round's shapes and the device's memory.
+  """``fl.group_size = 0``: the chunk size for this round's shapes, step counts and the
+  device's memory (decided at the first round, kept for the run: later rounds draw from the
+  same clients).
 
   The memory of a chunk is linear in its clients: ``chunk_bytes`` at 1 and 2 clients gives the
   per-client cost (data, plan, model copies, step activations) and the fixed part. The round
   also keeps every client's output model twice (sorted, then in input order): that is reserved
-  first. Returns ``{"group_size", "per_client_bytes", "fixed_bytes", "budget_bytes",
-  "budget_source"}`` (``run.info``; the loop prints it).
+  first. Time: ``choose_group_size``'s model with the busiest device's clients' step counts
+  and ``SATURATION_EXAMPLES`` of the backend over the batch size. Returns ``{"group_size",
+  "per_client_bytes", "fixed_bytes", "budget_bytes", "budget_source", ...}`` (``run.info``;
+  the loop prints it).
   """
-  per_device = -(-inputs.images.shape[0] // num_devices)
+  m = inputs.images.shape[0]
+  per_device = -(-m // num_devices)
   one = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
     (inputs.images, inputs.labels, inputs.plan, inputs.keys, inputs.sizes, inputs.side),
@@ -340,7 +371,20 @@ def auto_group_size(
   per_client = max(b2 - b1, 1)
   fixed = max(b1 - per_client, 0) + 2 * per_device * upload_bytes(variables)
   free, source = budget if budget is not None else memory_budget()
-  g = choose_group_size(per_device, per_client, fixed, free, divisor=divisor)
+  steps = np.asarray(inputs.plan.active).sum(-1).reshape(num_devices, -1)
+  busiest = steps[int(np.argmax(steps.sum(-1)))]
+  platform = jax.local_devices()[0].platform
+  batch = inputs.plan.idx.shape[-1]
+  saturation = SATURATION_EXAMPLES.get(platform, SATURATION_EXAMPLES["gpu"]) / batch
+  g = choose_group_size(
+    per_device,
+    per_client,
+    fixed,
+    free,
+    steps=None if divisor else busiest,
+    saturation=saturation,
+    divisor=divisor,
+  )
   return {
     "group_size": g,
     "per_client_bytes": per_client,
@@ -348,6 +392,7 @@ def auto_group_size(
     "budget_bytes": free,
     "budget_source": source,
     "memory_fraction": MEMORY_FRACTION,
+    "saturation_clients": saturation,
   }
 
 
@@ -371,10 +416,21 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
   every round; replaying the draws from the seed gives the same sequence after a resume.
   The order is kept (not sorted): it is the order of FedAvg's weighted sum.
   """
+  key = (seed, num_clients, per_round)
+  start, state = _SAMPLER_STATE.get(key, (0, None))
   rs = np.random.RandomState(seed)
-  for _ in range(round_index):
-    rs.choice(range(num_clients), per_round, replace=False)
-  return rs.choice(range(num_clients), per_round, replace=False)
+  if state is not None and start <= round_index:  # continue from the last call (the loop's
+    rs.set_state(state)  # next round): O(1) per round instead of replaying every draw
+  else:
+    start = 0
+  for _ in range(start, round_index):
+    rs.choice(num_clients, per_round, replace=False)
+  out = rs.choice(num_clients, per_round, replace=False)
+  _SAMPLER_STATE[key] = (round_index + 1, rs.get_state())
+  return out
+
+
+_SAMPLER_STATE: dict = {}  # (seed, K, m) -> (next round, RandomState state after its draw)
 
 
 def build_round_inputs(
