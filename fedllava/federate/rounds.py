@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedllava import algorithms, sharding
@@ -73,6 +73,8 @@ def create_round_fn(
   mesh: Mesh,
   strategy: str = "vmap",
   group_size: int = 1,
+  *,
+  runs: bool = False,
 ) -> Callable:
   """Builds ``round_fn(variables, server_state, inputs, server_inputs=None)
   -> (variables, server_state, metrics)``, one jitted computation.
@@ -87,6 +89,9 @@ def create_round_fn(
   client models, its state and the same key, and its metrics are returned as they are named.
   Only what the clients upload reaches the server: parameters, statistics and, for the
   methods that declare them, per-class statistics or gradients (``client_upload``).
+
+  ``runs=True``: the same round ``jax.vmap``-ed over a leading run axis of every argument
+  (``create_multirun_round_fn``).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
@@ -155,7 +160,11 @@ def create_round_fn(
     return new_vars, server_state, metrics
 
   repl = sharding.replicated(mesh)
-  cs = sharding.client_sharding(mesh)
+  if runs:  # several runs: one lane each, the client axis second (see create_multirun_round_fn)
+    round_fn = jax.vmap(round_fn)
+    cs = NamedSharding(mesh, P(None, c))
+  else:
+    cs = sharding.client_sharding(mesh)
   jitted = jax.jit(
     round_fn,
     in_shardings=(repl, repl, cs, repl),
@@ -169,6 +178,25 @@ def create_round_fn(
     return jitted(variables, server_state, inputs, server_inputs)
 
   return run
+
+
+def create_multirun_round_fn(
+  trainer: client.LocalTrainer,
+  algorithm: algorithms.FLAlgorithm,
+  mesh: Mesh,
+  strategy: str = "vmap",
+  group_size: int = 1,
+) -> Callable:
+  """R independent runs' rounds as one jitted computation: ``create_round_fn``'s round,
+  ``jax.vmap``-ed over a leading run axis of every argument (variables, server state, inputs,
+  server inputs), returning every output with that axis (``metrics["finite"]`` is ``[R]``).
+
+  Runs never mix: each lane aggregates its own clients (the vmap adds no reduction over runs),
+  and a lane holding NaNs leaves the others untouched. The client axis (second) stays sharded
+  over the mesh, so every device trains its share of every run's clients. The caller stacks
+  runs whose inputs have the same shapes (``multirun.py`` pads the client stores).
+  """
+  return create_round_fn(trainer, algorithm, mesh, strategy, group_size, runs=True)
 
 
 def all_finite(tree: PyTree) -> jax.Array:
