@@ -30,4 +30,7 @@ run() {  # run SECONDS NAME ARGS...: one fl_round.py process, its own JSON and l
 run 330 main --precision=highest --contenders=jax:vmap@xla:fp32,jax:map@xla:fp32,jax:group:4@xla:fp32,jax:vmap@im2col:fp32,jax:map@im2col:fp32,jax:vmap@xla:bf16,jax:map@xla:bf16,jax:group:4@xla:bf16,jax:vmap@im2col:bf16,jax:map@im2col:bf16,torch:creff,torch:fast:fp32,torch:fast:bf16,torch:compile:bf16
 # 2. TF32 allowed (jax "default" precision) for the fp32 strategies, torch.compile fp32, pfl.
 run 200 tf32 --precision=default --contenders=jax:vmap@xla:fp32,jax:map@xla:fp32,jax:group:4@xla:fp32,torch:compile:fp32,pfl:fp32
-ls -l "$out"/fl_round_"${preset}"_gpu_*.json
+# 3. Several runs (seeds) as one program: s/round and s/run/round for R = 1, 3, 8 (~1 min).
+timeout 150 python3 benchmarks/fl_runs.py --preset="$preset" --runs=1,3,8 --repeats=3 --single \
+  --out="$out/fl_runs_${preset}_gpu.json" 2>&1 | tee "$out/fl_runs_${preset}.log"
+ls -l "$out"/fl_round_"${preset}"_gpu_*.json "$out"/fl_runs_"${preset}"_gpu.json

@@ -54,3 +54,17 @@ def test_resnet8_flops_by_hand():
   assert fl_round.resnet8_train_flops(1, 4) == 3 * want
   # CReFF's ResNet-8 (width 64) on 32x32: ~0.39 GFLOP forward per image.
   assert 0.38e9 < fl_round.resnet8_forward_flops(64, 32) < 0.40e9
+
+
+def test_fl_runs_ci_preset(tmp_path):
+  """R runs as one program: the fields the README's runs table reads, one entry per R."""
+  import fl_runs  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "runs.json"
+  res = fl_runs.main(["--preset=ci", "--runs=1,3", "--repeats=1", "--devices=1", f"--out={out}"])
+  saved = json.loads(out.read_text())
+  assert saved == json.loads(json.dumps(res))
+  assert saved["runs"] == [1, 3] and saved["seeds"] == [[0], [0, 1, 2]]
+  assert len(saved["s_per_round"]) == len(saved["s_per_run_per_round"]) == 2
+  for r, t, tr in zip(saved["runs"], saved["s_per_round"], saved["s_per_run_per_round"]):
+    assert t > 0 and abs(tr - t / r) < 1e-12
