@@ -37,4 +37,7 @@ clients_preset=gpu; [ "$preset" = ci ] && clients_preset=ci
 timeout 120 python3 benchmarks/fl_clients.py --preset="$clients_preset" --datasets=cifar \
   --strategies=chunked --repeats=2 --out="$out/fl_clients_${clients_preset}_gpu.json" 2>&1 \
   | tee "$out/fl_clients_${clients_preset}.log"
-ls -l "$out"/fl_round_"${preset}"_gpu_*.json "$out"/fl_clients_*.json
+# 4. Several runs (seeds) as one program: s/round and s/run/round for R = 1, 3, 8 (~1 min).
+timeout 150 python3 benchmarks/fl_runs.py --preset="$preset" --runs=1,3,8 --repeats=3 --single \
+  --out="$out/fl_runs_${preset}_gpu.json" 2>&1 | tee "$out/fl_runs_${preset}.log"
+ls -l "$out"/fl_round_"${preset}"_gpu_*.json "$out"/fl_clients_*.json "$out"/fl_runs_"${preset}"_gpu.json

@@ -112,8 +112,11 @@ def _has_progress(workdir: str) -> bool:
   )
 
 
-def run(config, workdir: str, load_teacher=None) -> dict:
+def run(config, workdir: str, load_teacher=None, make_round_fn=None) -> dict:
   """Validates, then runs (or resumes) ``config.stages`` in ``workdir``.
+
+  ``make_round_fn``: handed to stage 2 (``federate.run``); ``fedllava.sweep`` passes
+  ``multirun``'s, which runs this run's rounds in one program with other seeds' runs.
 
   Returns:
     ``{stage name: StageResult}``, plus ``"federate_plain"`` (stage 2 without alignment)
@@ -141,12 +144,22 @@ def run(config, workdir: str, load_teacher=None) -> dict:
     every_round = "align" in stages and config.align.when == "every_round"
     for name in stages:
       kwargs = {}
+      if name == "federate" and make_round_fn is not None:
+        kwargs["make_round_fn"] = make_round_fn
       if name == "align" and load_teacher is not None:
         kwargs["load_teacher"] = load_teacher
       if name == "federate" and every_round:
         print("[pipeline] federate_plain: stage 2 without alignment, the side-by-side baseline")
         results["federate_plain"], _ = _run_stage(
-          config, workdir, "federate_plain", federate.run, result, upstream, started, saved
+          config,
+          workdir,
+          "federate_plain",
+          federate.run,
+          result,
+          upstream,
+          started,
+          saved,
+          **kwargs,
         )
         kwargs["after_round"] = align.make_round_hook(
           config, os.path.join(workdir, "align"), load_teacher

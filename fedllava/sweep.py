@@ -13,6 +13,12 @@ top-1 and many/medium/few, the per-seed values, wall time) and ``table.png``, re
 each run; where the data set is one of the paper's (CIFAR-10/100-LT at IF 100/50/10,
 ImageNet-LT), the paper's number (``paper_tables.py``) stands next to ours.
 
+``--runs_together`` (the default): the seeds of a row run as one program
+(``fedllava/federate/multirun.py``: their rounds stacked on a run axis, one compiled computation,
+each run still an ordinary ``main.run`` in its own directory, its results equal to the run made
+alone), so runs go row by row, every seed of a row at once. Every method runs this way; a
+single seed, or ``--noruns_together``, runs one by one (seed by seed, as below).
+
 Rerunning the same command resumes: a run that completed under the same config is read from its
 ``sweep_run.json`` and not reopened (none of its files is touched); any other run is handed to
 ``main.run``, which resumes it where it stopped (or reruns the stages a changed field reaches).
@@ -34,11 +40,15 @@ from absl import app, flags
 
 from fedllava import algorithms, errors, fileio, main, paper_tables, report
 from fedllava.evaluate import GROUPS
+from fedllava.federate import multirun
 
 _METHODS = flags.DEFINE_list("methods", ["fedavg"], "FL methods, one row each (registry names).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds: config.seed = 0 .. seeds-1.")
 _SEED_LIST = flags.DEFINE_list("seed_list", None, "Explicit seeds (replaces --seeds).")
 _OURS = flags.DEFINE_bool("ours", True, "Add the paper's method (the config's pipeline + align).")
+_TOGETHER = flags.DEFINE_bool(
+  "runs_together", True, "Run the seeds of a row as one program (federate/multirun.py)."
+)
 _COMPILE_CACHE = flags.DEFINE_string(
   "compile_cache", None, "JAX's persistent compilation cache (default DIR/jax_cache; 'off': none)."
 )
@@ -155,6 +165,7 @@ def run(
   workdir: str,
   ours: bool = True,
   compile_cache: Optional[str] = None,
+  runs_together: bool = True,
 ) -> dict:
   """Runs (or resumes) every row x seed, then writes the tables; returns ``table.json``'s dict.
 
@@ -165,6 +176,8 @@ def run(
     workdir: the sweep's directory (runs under ``<row>/seed<k>/``).
     ours: add the paper's method as a row.
     compile_cache: a directory for JAX's persistent compilation cache (None: JAX's setting).
+    runs_together: run the seeds of each row as one program (``multirun.run_many``); the
+      table is the same as one by one (``tests/test_sweep.py``).
   """
   check_methods(methods)
   seeds = [int(s) for s in seeds]
@@ -175,7 +188,21 @@ def run(
     main.validate(run_config(config, row, seeds[0]))
   os.makedirs(workdir, exist_ok=True)
   with compilation_cache(compile_cache):
+    if runs_together and len(seeds) > 1:
+      return _run_together(config, rows, seeds, workdir)
     return _run_all(config, rows, seeds, workdir)
+
+
+def _record(row, seed, c, results, start, resumed) -> dict:
+  final = results[row["result"]].report["final"]
+  return {
+    "row": row["row"],
+    "seed": seed,
+    "metrics": {k: final[k] for k in METRICS},
+    "wall_s": time.time() - start,
+    "resumed": resumed,  # True: wall_s is the last invocation's only
+    "config": _config_json(c),
+  }
 
 
 def _run_all(config, rows, seeds, workdir) -> dict:
@@ -190,16 +217,7 @@ def _run_all(config, rows, seeds, workdir) -> dict:
         print(f"[sweep] {row['row']} seed {seed}: {run_dir}")
         resumed = os.path.isdir(run_dir) and main._has_progress(run_dir)
         start = time.time()
-        results = main.run(c, run_dir)
-        final = results[row["result"]].report["final"]
-        record = {
-          "row": row["row"],
-          "seed": seed,
-          "metrics": {k: final[k] for k in METRICS},
-          "wall_s": time.time() - start,
-          "resumed": resumed,  # True: wall_s is the last invocation's only
-          "config": _config_json(c),
-        }
+        record = _record(row, seed, c, main.run(c, run_dir), start, resumed)
         if lead:
           report.write_json(os.path.join(run_dir, RUN_FILE), record)
       else:
@@ -208,6 +226,60 @@ def _run_all(config, rows, seeds, workdir) -> dict:
       table = summarize(config, rows, seeds, records)
       if lead:
         write_tables(workdir, table)
+  return table
+
+
+def _run_together(config, rows, seeds, workdir) -> dict:
+  """Row by row, the seeds of a row not yet complete as one program (``multirun.run_many``)."""
+  lead = jax.process_index() == 0
+  records, table = {}, None
+  for row in rows:
+    todo = []
+    for seed in seeds:
+      run_dir = os.path.join(workdir, row["row"], f"seed{seed}")
+      c = run_config(config, row, seed)
+      record = _read_done(run_dir, c)
+      if record is None:
+        resumed = os.path.isdir(run_dir) and main._has_progress(run_dir)
+        todo.append((seed, run_dir, c, resumed))
+      else:
+        print(f"[sweep] {row['row']} seed {seed}: complete in {run_dir}; read, not rerun")
+        records[(row["row"], seed)] = record
+    if todo:
+      print(f"[sweep] {row['row']} seeds {[t[0] for t in todo]}: one program")
+      start = time.time()
+      walls = {}
+
+      def runner(c, run_dir, make_round_fn, walls=walls):
+        t0 = time.time()
+        out = main.run(c, run_dir, make_round_fn=make_round_fn)
+        walls[run_dir] = time.time() - t0
+        return out
+
+      outs = multirun.run_many(
+        [t[2] for t in todo], [t[1] for t in todo], runner=runner, return_exceptions=True
+      )
+      failed = []
+      for (seed, run_dir, c, resumed), out in zip(todo, outs):
+        if isinstance(out, BaseException):
+          failed.append(out)
+          continue
+        record = _record(row, seed, c, out, start, resumed)
+        record["wall_s"] = walls[run_dir]  # its own thread's time (the runs overlap)
+        if lead:
+          report.write_json(os.path.join(run_dir, RUN_FILE), record)
+        records[(row["row"], seed)] = record
+    table = summarize(config, rows, seeds, records)
+    if lead:
+      write_tables(workdir, table)
+    if todo and failed:  # the completed runs are recorded first
+      raise (
+        failed[0]
+        if len(failed) == 1
+        else multirun.MultiRunError(
+          {t[1]: o for t, o in zip(todo, outs) if isinstance(o, BaseException)}
+        )
+      )
   return table
 
 
@@ -343,11 +415,15 @@ def write_tables(workdir: str, table: dict) -> None:
 
 
 def _where_stopped(tb, workdir: str) -> str:
-  """The run that was going (``_run_all``'s frame) and where in it."""
+  """The run that was going (``_run_all``'s frame) and where in it (the runs of
+  ``_run_together``'s)."""
   frames, run_dir = tb, None
   while frames is not None:
     if frames.tb_frame.f_code is _run_all.__code__:
       run_dir = frames.tb_frame.f_locals.get("run_dir")
+    if frames.tb_frame.f_code is _run_together.__code__ and frames.tb_frame.f_locals.get("todo"):
+      dirs = ", ".join(t[1] for t in frames.tb_frame.f_locals["todo"])
+      return f"in runs {dirs} (one program; each keeps its last checkpoint)"
     frames = frames.tb_next
   if run_dir is None:
     return f"before the first run, in {workdir}"
@@ -373,7 +449,9 @@ def cli_main(argv):
   cache = _COMPILE_CACHE.value or os.path.join(workdir, "jax_cache")
   cache = None if cache == "off" else cache
   main.run_cli(
-    lambda: run(config, _METHODS.value, seeds_from_flags(), workdir, _OURS.value, cache),
+    lambda: run(
+      config, _METHODS.value, seeds_from_flags(), workdir, _OURS.value, cache, _TOGETHER.value
+    ),
     workdir,
     lambda tb: _where_stopped(tb, workdir),
   )

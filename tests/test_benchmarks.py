@@ -85,3 +85,17 @@ def test_chunk_iterations_by_hand():
   # Sorted [5, 3, 2, 2, 1]; chunks of 2: 2 x (5 + 2 + 1) = 16; one chunk (vmap): 5 x 5 = 25.
   assert fl_clients.chunk_iterations(np.array([2, 5, 1, 3, 2]), 2) == 16
   assert fl_clients.chunk_iterations(np.array([2, 5, 1, 3, 2]), 5) == 25
+
+
+def test_fl_runs_ci_preset(tmp_path):
+  """R runs as one program: the fields the README's runs table reads, one entry per R."""
+  import fl_runs  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "runs.json"
+  res = fl_runs.main(["--preset=ci", "--runs=1,3", "--repeats=1", "--devices=1", f"--out={out}"])
+  saved = json.loads(out.read_text())
+  assert saved == json.loads(json.dumps(res))
+  assert saved["runs"] == [1, 3] and saved["seeds"] == [[0], [0, 1, 2]]
+  assert len(saved["s_per_round"]) == len(saved["s_per_run_per_round"]) == 2
+  for r, t, tr in zip(saved["runs"], saved["s_per_round"], saved["s_per_run_per_round"]):
+    assert t > 0 and abs(tr - t / r) < 1e-12

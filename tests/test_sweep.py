@@ -40,8 +40,8 @@ def swept(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(main, "run", killed_after_one)
-    with pytest.raises(_Killed):
-      sweep.run(config, METHODS, SEEDS, workdir, compile_cache=cache)
+    with pytest.raises(_Killed):  # one by one: the runs of the together mode overlap
+      sweep.run(config, METHODS, SEEDS, workdir, compile_cache=cache, runs_together=False)
   first = calls[0]
   mtimes = {
     os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
@@ -56,7 +56,7 @@ def swept(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(main, "run", counted)
-    table = sweep.run(config, METHODS, SEEDS, workdir, compile_cache=cache)
+    table = sweep.run(config, METHODS, SEEDS, workdir, compile_cache=cache, runs_together=False)
   return dict(workdir=workdir, table=table, first=first, mtimes=mtimes, rerun=rerun)
 
 
@@ -111,6 +111,29 @@ def test_a_killed_sweep_resumes_without_touching_completed_runs(swept):
   assert now == swept["mtimes"]
   for d, _, files in os.walk(swept["first"]):  # nothing new either
     assert {os.path.join(d, f) for f in files} <= set(swept["mtimes"])
+
+
+def test_runs_together_give_the_same_table_as_one_by_one(swept, tmp_path, monkeypatch):
+  """The default sweep runs each row's seeds as one program (multirun.run_many, once a row);
+  its table (every metric's per-seed values, mean and std) is the one-by-one sweep's.
+
+  Catches: a seed's run handed another run's lane, a row not run together, records mixed up."""
+  from fedllava.federate import multirun
+
+  real, together = multirun.run_many, []
+
+  def spy(configs, workdirs, **kwargs):
+    together.append([c.seed for c in configs])
+    return real(configs, workdirs, **kwargs)
+
+  monkeypatch.setattr(multirun, "run_many", spy)
+  table = sweep.run(tiny_digits(2), METHODS, SEEDS, str(tmp_path / "sweep"))
+  assert together == [SEEDS] * (len(METHODS) + 1)
+  want = swept["table"]["rows"]
+  assert [r["row"] for r in table["rows"]] == [r["row"] for r in want]
+  for a, b in zip(want, table["rows"]):
+    for k in METRICS:
+      assert a[k] == b[k], (a["row"], k)
 
 
 def test_an_unknown_method_is_refused_up_front_listing_the_known_ones(tmp_path):

@@ -122,6 +122,7 @@ def run(
   *,
   after_round: Optional[RoundHook] = None,
   started: Optional[Callable[[], None]] = None,
+  make_round_fn: Optional[Callable] = None,
 ) -> StageResult:
   """Runs (or resumes, or loads when complete) federated finetuning.
 
@@ -133,6 +134,9 @@ def run(
       result is the global model clients receive next round (stage 3, ``align.when =
       "every_round"``). It must be deterministic, so a resumed run replays it exactly.
     started: called once the data and model are built, before this stage writes anything.
+    make_round_fn: builds the round function (default ``rounds.create_round_fn``, same
+      arguments); ``multirun.py`` passes one that runs this run's round in one program with
+      other runs' rounds.
   Returns:
     ``StageResult(variables, report)``; ``report`` holds ``final`` (the last round's test
     report), ``best`` and ``curve`` (``[(round, top1)]``).
@@ -209,7 +213,8 @@ def run(
     flip=d.flip,
     per_batch_augment=d.per_batch_augment,
   )
-  round_fn = rounds.create_round_fn(trainer, algo, mesh, fl.client_parallelism, fl.group_size)
+  make_round_fn = make_round_fn or rounds.create_round_fn
+  round_fn = make_round_fn(trainer, algo, mesh, fl.client_parallelism, fl.group_size)
 
   cs = sharding.client_sharding(mesh)
   if d.placement == "device":  # the whole client store lives on device for the run

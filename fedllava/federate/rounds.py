@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedllava import algorithms, sharding
@@ -116,6 +116,8 @@ def create_round_fn(
   mesh: Mesh,
   strategy: str = "vmap",
   group_size: int = 1,
+  *,
+  runs: bool = False,
 ) -> Callable:
   """Builds ``round_fn(variables, server_state, inputs, server_inputs=None)
   -> (variables, server_state, metrics)``, one jitted computation.
@@ -130,6 +132,9 @@ def create_round_fn(
   client models, its state and the same key, and its metrics are returned as they are named.
   Only what the clients upload reaches the server: parameters, statistics and, for the
   methods that declare them, per-class statistics or gradients (``client_upload``).
+
+  ``runs=True``: the same round ``jax.vmap``-ed over a leading run axis of every argument
+  (``create_multirun_round_fn``).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
@@ -204,7 +209,11 @@ def create_round_fn(
     return new_vars, server_state, metrics
 
   repl = sharding.replicated(mesh)
-  cs = sharding.client_sharding(mesh)
+  if runs:  # several runs: one lane each, the client axis second (see create_multirun_round_fn)
+    round_fn = jax.vmap(round_fn)
+    cs = NamedSharding(mesh, P(None, c))
+  else:
+    cs = sharding.client_sharding(mesh)
   jitted = jax.jit(
     round_fn,
     in_shardings=(repl, repl, cs, repl),
@@ -216,10 +225,18 @@ def create_round_fn(
     if server_inputs is None:
       server_inputs = {"data": None, "key": None}
     if "group_size" not in info:
-      method_state = base.split_server_state(algorithm, server_state)[1]
-      message = None if algorithm.message is None else algorithm.message(variables, method_state)
+      v, st, x, budget = variables, server_state, inputs, None
+      if runs:  # every lane holds a chunk at once: lane 0's shapes, 1/R of the memory each
+        lanes = jax.tree.leaves(variables)[0].shape[0]
+        v, st, x = jax.tree.map(lambda a: a[0], (variables, server_state, inputs))
+        free, source = memory_budget()
+        budget = (free // lanes, f"{source} / {lanes} runs")
+      method_state = base.split_server_state(algorithm, st)[1]
+      message = None if algorithm.message is None else algorithm.message(v, method_state)
       info.update(
-        auto_group_size(trainer, variables, message, inputs, mesh.size, divisor=strategy == "group")
+        auto_group_size(
+          trainer, v, message, x, mesh.size, divisor=strategy == "group", budget=budget
+        )
       )
     return jitted(variables, server_state, inputs, server_inputs)
 
@@ -394,6 +411,25 @@ def auto_group_size(
     "memory_fraction": MEMORY_FRACTION,
     "saturation_clients": saturation,
   }
+
+
+def create_multirun_round_fn(
+  trainer: client.LocalTrainer,
+  algorithm: algorithms.FLAlgorithm,
+  mesh: Mesh,
+  strategy: str = "vmap",
+  group_size: int = 1,
+) -> Callable:
+  """R independent runs' rounds as one jitted computation: ``create_round_fn``'s round,
+  ``jax.vmap``-ed over a leading run axis of every argument (variables, server state, inputs,
+  server inputs), returning every output with that axis (``metrics["finite"]`` is ``[R]``).
+
+  Runs never mix: each lane aggregates its own clients (the vmap adds no reduction over runs),
+  and a lane holding NaNs leaves the others untouched. The client axis (second) stays sharded
+  over the mesh, so every device trains its share of every run's clients. The caller stacks
+  runs whose inputs have the same shapes (``multirun.py`` pads the client stores).
+  """
+  return create_round_fn(trainer, algorithm, mesh, strategy, group_size, runs=True)
 
 
 def all_finite(tree: PyTree) -> jax.Array:
