@@ -93,7 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.server_lr = 1.0
   c.fl.prox_mu = 0.01
   c.fl.server_momentum = 0.9
-  c.fl.client_parallelism = "vmap"  # vmap | map | group
+  # auto | vmap | map | group (same results). "auto" takes what benchmarks/fl_round.py measured
+  # fastest on the backend (fedllava/federate/rounds.py AUTO): map on CPU and GPU.
+  c.fl.client_parallelism = "auto"
   c.fl.group_size = 1
   # Each FL method's own hyperparameters (fedllava/algorithms/<name>.py says where each
   # default comes from).

@@ -28,6 +28,19 @@ from fedllava.federate import client
 
 PyTree = Any
 STRATEGIES = ("vmap", "map", "group")
+# What ``fl.client_parallelism = "auto"`` resolves to, per backend: what benchmarks/fl_round.py
+# measured fastest there (benchmarks/README.md). CPU: ``map`` (one client after another: plain
+# convolutions that XLA:CPU hands to Eigen; vmapped per-client kernels become grouped
+# convolutions); GPU (H200, fp32): ``map`` 4.00 s/round vs ``vmap`` 5.09 and ``group:4`` 6.06.
+AUTO = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "vmap"}
+
+
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+  """``fl.client_parallelism`` with ``"auto"`` resolved for ``backend`` (default: JAX's)."""
+  if strategy != "auto":
+    return strategy
+  backend = backend or jax.default_backend()
+  return AUTO.get(backend, "vmap")
 
 
 class RoundInputs(NamedTuple):
@@ -88,8 +101,11 @@ def create_round_fn(
   Only what the clients upload reaches the server: parameters, statistics and, for the
   methods that declare them, per-class statistics or gradients (``client_upload``).
   """
+  strategy = resolve_strategy(strategy)
   if strategy not in STRATEGIES:
-    raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
+    raise ValueError(
+      f"config.fl.client_parallelism={strategy!r}; choose 'auto' or one of {STRATEGIES}."
+    )
   c = sharding.CLIENTS
   clients_fn = jax.shard_map(
     _run_clients(trainer.train, strategy, group_size),

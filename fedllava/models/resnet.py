@@ -432,7 +432,7 @@ def create_model(model_config, num_classes: int) -> ResNet:
   width = model_config.get("width", 64)
   impl = model_config.get("conv_impl", "auto")
   if impl == "auto":  # measured: benchmarks/results/fl_round_cpu_small_* and round_speed_*
-    impl = "shift" if jax.default_backend() == "cpu" else "xla"
+    impl = "eigen" if jax.default_backend() == "cpu" else "xla"
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
   if model_config.name == "resnet8":
