@@ -332,8 +332,10 @@ class ResNet(nn.Module):
     num_classes: classifier outputs.
     stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool).
     conv_impl: ``"xla"`` (``nn.Conv``), ``"im2col"`` (same parameters, batched-matmul
-      friendly under ``vmap``; see ``Im2ColConv``) or ``"shift"`` (im2col whose patches are
-      strided slices, ``shifted_patches``: the fastest on CPU, ``auto``'s choice there).
+      friendly under ``vmap``; see ``Im2ColConv``), ``"shift"`` (im2col whose patches are
+      strided slices, ``shifted_patches``) or ``"eigen"`` (XLA's convolutions with gradients
+      XLA:CPU keeps on Eigen inside a scan, ``eigen_conv``: the fastest on CPU, ``auto``'s
+      choice there).
     mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
     head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
     dtype: the computation (activation) dtype; bfloat16 = mixed precision.
@@ -431,7 +433,7 @@ def create_model(model_config, num_classes: int) -> ResNet:
   param_dtype, dtype = dtypes(model_config)
   width = model_config.get("width", 64)
   impl = model_config.get("conv_impl", "auto")
-  if impl == "auto":  # measured: benchmarks/results/fl_round_cpu_small_* and round_speed_*
+  if impl == "auto":  # measured: benchmarks/README.md (fl_round_cpu_small_*, round_speed_h200_*)
     impl = "eigen" if jax.default_backend() == "cpu" else "xla"
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
