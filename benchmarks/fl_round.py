@@ -12,7 +12,7 @@ horizontal flip, FedAvg weighted by client size.
 Contenders (``--contenders``, a comma list; the preset picks a default):
 
 * ``jax:STRATEGY@CONV:DTYPE``: fedllava's jitted sharded round (``fedllava/federate/rounds.py``),
-  STRATEGY = vmap | map | group:G, CONV = xla | im2col | shift (``config.model.conv_impl``),
+  STRATEGY = vmap | map | group:G, CONV = xla | im2col | shift | eigen (``config.model.conv_impl``),
   DTYPE = fp32 | bf16 (``config.model.compute_dtype``: bf16 compute, fp32 master weights);
 * ``torch:creff``: CReFF's own loop in PyTorch (``torch_reference.creff_round``);
 * ``torch:fast:DTYPE`` / ``torch:compile:DTYPE``: the best honest PyTorch
@@ -68,11 +68,33 @@ JAX_ALL = [
 TORCH_ALL = ["torch:creff", "torch:fast:fp32", "torch:fast:bf16", "torch:compile:fp32"]
 DEFAULT_CONTENDERS = {
   "paper": JAX_ALL
-  + ["jax:group:4@xla:fp32", "jax:group:4@xla:bf16"]
+  + ["jax:map@eigen:fp32", "jax:map@eigen:bf16", "jax:group:4@xla:fp32", "jax:group:4@xla:bf16"]
   + TORCH_ALL
   + ["torch:compile:bf16", "pfl:fp32"],
-  "cpu_small": JAX_ALL + TORCH_ALL + ["torch:compile:bf16", "pfl:fp32"],
-  "ci": ["jax:vmap@im2col:fp32", "jax:map@xla:bf16", "torch:creff", "torch:fast:fp32", "pfl:fp32"],
+  # CPU: XLA's convolutions only through conv_impl=eigen (autodiff's gradient convolutions run
+  # 20-70x slower inside the local-step scan there: benchmarks/README.md); PyTorch on 1 thread
+  # (on a shared 2-core machine 1 thread wins), `auto` (map@eigen:fp32) first.
+  "cpu_small": [
+    "jax:map@eigen:fp32",
+    "jax:map@eigen:bf16",
+    "jax:vmap@eigen:fp32",
+    "jax:map@shift:fp32",
+    "jax:vmap@shift:fp32",
+    "jax:vmap@shift:bf16",
+    "torch:creff:t1",
+    "torch:fast:fp32:t1",
+    "torch:fast:bf16:t1",
+    "torch:compile:fp32:t1",
+    "pfl:fp32:t1",
+  ],
+  "ci": [
+    "jax:vmap@im2col:fp32",
+    "jax:map@eigen:fp32",
+    "jax:map@xla:bf16",
+    "torch:creff",
+    "torch:fast:fp32",
+    "pfl:fp32",
+  ],
 }
 
 # Dense peak TFLOP/s by device kind (vendor data sheets; SXM parts, without sparsity).

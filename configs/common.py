@@ -76,10 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_on_mlp = False
   c.model.dtype = "float32"  # parameters (master weights); "float64" for the oracles
   c.model.compute_dtype = "float32"  # activations; "bfloat16" with float32 master weights
-  # "xla" (nn.Conv), "im2col" or "shift" (same parameters and results; patches x kernel, the
-  # patches from a one-hot conv or from 9 strided slices); "auto" picks what the benchmarks
-  # measured faster: shift on CPU (1.9x over im2col, which was 7.8x over xla on 2 cores), xla
-  # on an H200 (vmapped grouped convolutions 5.1 s/round vs 8.7 s/round with im2col).
+  # "xla" (nn.Conv), "im2col" or "shift" (patches x kernel, the patches from a one-hot conv or
+  # from 9 strided slices), "eigen" (XLA's convolutions with hand-written forward-form gradients
+  # that XLA:CPU keeps on Eigen inside the local-step scan): same parameters and results. "auto"
+  # picks what the benchmarks measured faster (benchmarks/README.md): eigen on CPU (1.7x over
+  # shift, which was 1.9x over im2col), xla on an H200 (5.1 s/round vs 8.7 with im2col).
   c.model.conv_impl = "auto"
 
   c.fl = ml_collections.ConfigDict()
@@ -93,7 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.server_lr = 1.0
   c.fl.prox_mu = 0.01
   c.fl.server_momentum = 0.9
-  c.fl.client_parallelism = "vmap"  # vmap | map | group | chunked (rounds.py: equal results)
+  # auto | vmap | map | group | chunked (rounds.py: equal results). "auto" takes what
+  # benchmarks/fl_round.py measured fastest on the backend (fedllava/federate/rounds.py AUTO):
+  # map on CPU and GPU; "chunked" for many unequal clients a round (README, 1000 clients).
+  c.fl.client_parallelism = "auto"
   # Clients per vmapped chunk of "group" / "chunked"; 0: auto, the largest that fits the
   # device's memory (rounds.auto_group_size), printed at the first round.
   c.fl.group_size = 0

@@ -114,7 +114,9 @@ def test_eval_logits_match_pytorch():
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("n_valid, conv_impl", [(6, "xla"), (4, "xla"), (4, "im2col")])
+@pytest.mark.parametrize(
+  "n_valid, conv_impl", [(6, "xla"), (4, "xla"), (4, "im2col"), (4, "eigen")]
+)
 def test_train_step_matches_pytorch_sgd(n_valid, conv_impl):
   """One SGD step in train mode: params and running stats (unbiased var) match PyTorch.
 
@@ -184,8 +186,9 @@ def test_init_distributions_follow_creff():
   assert np.abs(fc).max() <= 1 / np.sqrt(4 * WIDTH)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "eigen"])
 @pytest.mark.parametrize("name,hw", [("resnet8", 16), ("resnet50", 32)])
-def test_im2col_conv_equals_xla_conv(name, hw):
+def test_im2col_conv_equals_xla_conv(name, hw, impl):
   """Same parameters, same outputs and gradients (float64), also under vmap over clients."""
   jax.config.update("jax_enable_x64", True)
   try:
@@ -195,7 +198,7 @@ def test_im2col_conv_equals_xla_conv(name, hw):
       ),
       CLASSES,
     )
-    xla, im2col = mk("xla"), mk("im2col")
+    xla, im2col = mk("xla"), mk(impl)
     x = np.random.default_rng(0).normal(size=(3, hw, hw, 3))
     v = xla.init(jax.random.PRNGKey(0), x)
     v2 = im2col.init(jax.random.PRNGKey(0), x)
@@ -216,5 +219,44 @@ def test_im2col_conv_equals_xla_conv(name, hw):
     per = jax.vmap(lambda p, xb: loss(xla, p, xb))(stacked, xs)
     per2 = jax.vmap(lambda p, xb: loss(im2col, p, xb))(stacked, xs)
     np.testing.assert_allclose(per, per2, rtol=1e-10)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize(
+  "hw, cin, cout, k, stride", [(9, 3, 4, 3, 1), (8, 4, 6, 3, 2), (9, 4, 6, 3, 2), (8, 4, 6, 1, 2),
+                               (7, 3, 5, 7, 2), (6, 5, 5, 1, 1)]
+)  # fmt: skip
+def test_eigen_conv_gradients_are_autodiffs_bit_for_bit(hw, cin, cout, k, stride):
+  """``eigen_conv``'s hand-written gradients (forward-form convolutions, so XLA:CPU runs them
+  through Eigen inside a scan) equal autodiff's of ``lax.conv_general_dilated`` exactly in
+  float64: strides 1 and 2, odd and even sizes, 1x1, 3x3 and ResNet-50's 7x7 stem; also
+  inside ``lax.scan`` (where XLA:CPU's own gradients take the slow path) and under ``vmap``."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    rng = np.random.default_rng(0)
+    pad = (k - 1) // 2
+    x = jnp.asarray(rng.normal(size=(3, hw, hw, cin)))
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)))
+    ref = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+      x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    ours = lambda x, w: resnet.eigen_conv(x, w, stride, pad)  # noqa: E731
+    y = ref(x, w)
+    np.testing.assert_array_equal(ours(x, w), y)
+    dy = jnp.asarray(rng.normal(size=y.shape))
+    for a, b in zip(jax.vjp(ref, x, w)[1](dy), jax.vjp(ours, x, w)[1](dy)):
+      np.testing.assert_array_equal(a, b)
+
+    def steps(conv):
+      def body(w, xi):
+        return w - 0.1 * jax.grad(lambda w: jnp.sum(jnp.sin(conv(xi, w))))(w), None
+
+      return jax.jit(lambda w: jax.lax.scan(body, w, jnp.stack([x, 2 * x]))[0])(w)
+
+    np.testing.assert_allclose(steps(ours), steps(ref), rtol=1e-12, atol=1e-12)
+    ws = jnp.stack([w, -w])
+    gv = lambda f: jax.vmap(jax.grad(lambda w: jnp.sum(f(x, w) ** 2)))(ws)  # noqa: E731
+    np.testing.assert_allclose(gv(ours), gv(ref), rtol=1e-12, atol=1e-12)
   finally:
     jax.config.update("jax_enable_x64", False)

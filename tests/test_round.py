@@ -108,7 +108,8 @@ def _assert_close(a, b, atol):
 
 
 @pytest.mark.parametrize(
-  "strategy, conv_impl", [("vmap", "xla"), ("vmap", "im2col"), ("map", "im2col")]
+  "strategy, conv_impl",
+  [("vmap", "xla"), ("vmap", "im2col"), ("map", "im2col"), ("map", "eigen"), ("vmap", "eigen")],
 )
 def test_vmapped_round_equals_per_client_loop(x64, strategy, conv_impl):
   model, images, labels, variables = _setup(conv_impl=conv_impl)
@@ -131,6 +132,30 @@ def test_vmapped_round_equals_per_client_loop(x64, strategy, conv_impl):
     ).max()
     > 1e-4
   )
+
+
+def test_auto_parallelism_resolves_per_backend_and_equals_the_resolved_strategy(x64, monkeypatch):
+  """``fl.client_parallelism="auto"`` takes ``rounds.AUTO[backend]`` (what fl_round.py measured
+  fastest: map on CPU and GPU, vmap elsewhere), and a round with it is the resolved one."""
+  for backend, expected in [("cpu", "map"), ("gpu", "map"), ("cuda", "map"), ("tpu", "vmap")]:
+    assert rounds.resolve_strategy("auto", backend) == expected
+  assert rounds.resolve_strategy("group") == "group"  # explicit choices pass through
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert rounds.resolve_strategy("auto") == "vmap"
+  monkeypatch.undo()
+  assert rounds.resolve_strategy("auto") == rounds.AUTO[jax.default_backend()]
+  model, images, labels, variables = _setup()
+  algo = algorithms.fedavg.create()
+  trainer = _trainer(model, algo)
+  mesh = sharding.create_client_mesh(1)
+  inputs, _ = _inputs(images, labels, [0, 1, 2], pad_to=3)
+  out = {}
+  for strategy in ("auto", rounds.resolve_strategy("auto")):
+    copy = jax.tree.map(jnp.array, variables)
+    st = algo.server_optimizer.init(copy["params"])
+    out[strategy] = rounds.create_round_fn(trainer, algo, mesh, strategy)(copy, st, inputs)[0]
+  for a, b in zip(*(jax.tree.leaves(v) for v in out.values())):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_round_on_8_devices_equals_1_device(x64):

@@ -77,11 +77,12 @@ def validate(config) -> None:
     raise errors.ConfigError(f"config.fl.prox_mu={fl.prox_mu} must be a finite number >= 0.")
   if not (0 <= fl.server_momentum < 1):
     raise errors.ConfigError(f"config.fl.server_momentum={fl.server_momentum} must be in [0, 1).")
-  if fl.client_parallelism not in rounds.STRATEGIES:
+  if fl.client_parallelism not in ("auto",) + rounds.STRATEGIES:
     raise errors.ConfigError(
-      f"config.fl.client_parallelism={fl.client_parallelism!r}; choose one of {rounds.STRATEGIES}."
+      f"config.fl.client_parallelism={fl.client_parallelism!r}; choose 'auto' (what the "
+      f"benchmark measured fastest on this backend) or one of {rounds.STRATEGIES}."
     )
-  if fl.client_parallelism == "group" and fl.group_size:
+  if rounds.resolve_strategy(fl.client_parallelism) == "group" and fl.group_size:
     devices = config.mesh.num_devices or jax.device_count()
     per_device = -(-fl.clients_per_round // devices)
     if per_device % fl.group_size:
@@ -213,8 +214,10 @@ def run(
     flip=d.flip,
     per_batch_augment=d.per_batch_augment,
   )
+  strategy = rounds.resolve_strategy(fl.client_parallelism)
+  print(f"[fl] client parallelism: {fl.client_parallelism} -> {strategy} ({jax.default_backend()})")
   make_round_fn = make_round_fn or rounds.create_round_fn
-  round_fn = make_round_fn(trainer, algo, mesh, fl.client_parallelism, fl.group_size)
+  round_fn = make_round_fn(trainer, algo, mesh, strategy, fl.group_size)
 
   cs = sharding.client_sharding(mesh)
   if d.placement == "device":  # the whole client store lives on device for the run

@@ -8,7 +8,8 @@ to a multiple of the device count and changes nothing.
 
 Client-parallel strategies (identical results, different speed; ``fl.client_parallelism``
 picks one, ``benchmarks/fl_round.py`` times each side by side): ``vmap`` (all local clients at once; per-client conv kernels lower to
-grouped convolutions), ``map`` (``lax.map``: one client after another), ``group``
+grouped convolutions), ``map`` (``lax.map``: one client after another, each running only its
+own active steps), ``group``
 (``lax.map`` over groups of ``group_size`` clients, ``vmap`` inside a group), ``chunked``
 (``group`` over clients sorted by step count, each chunk running only its own active steps:
 a round of many small unequal clients costs their steps, not clients x the largest;
@@ -33,6 +34,19 @@ from fedllava.federate import client
 
 PyTree = Any
 STRATEGIES = ("vmap", "map", "group", "chunked")
+# What ``fl.client_parallelism = "auto"`` resolves to, per backend: what benchmarks/fl_round.py
+# measured fastest there (benchmarks/README.md). CPU: ``map`` (one client after another: plain
+# convolutions that XLA:CPU hands to Eigen; vmapped per-client kernels become grouped
+# convolutions); GPU (H200, fp32): ``map`` 4.00 s/round vs ``vmap`` 5.09 and ``group:4`` 6.06.
+AUTO = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "vmap"}
+
+
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+  """``fl.client_parallelism`` with ``"auto"`` resolved for ``backend`` (default: JAX's)."""
+  if strategy != "auto":
+    return strategy
+  backend = backend or jax.default_backend()
+  return AUTO.get(backend, "vmap")
 
 
 class RoundInputs(NamedTuple):
@@ -57,8 +71,14 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
     xs = (images, labels, plan, keys, sizes, side)
     if strategy == "vmap":
       return jax.vmap(f)(*xs)
-    if strategy == "map":
-      return jax.lax.map(lambda a: f(*a), xs)
+    if strategy == "map":  # one client at a time, each running only its own active steps
+
+      def one(a):
+        im, lb, pl, k, n, sd = a
+        trips = jnp.sum(pl.active.astype(jnp.int32))
+        return train(variables, im, lb, pl, k, message, n, sd, num_iters=trips)
+
+      return jax.lax.map(one, xs)
     if strategy == "chunked":
       return _chunked(train, variables, message, xs, group_size)
     n = images.shape[0]
@@ -136,8 +156,11 @@ def create_round_fn(
   ``runs=True``: the same round ``jax.vmap``-ed over a leading run axis of every argument
   (``create_multirun_round_fn``).
   """
+  strategy = resolve_strategy(strategy)
   if strategy not in STRATEGIES:
-    raise ValueError(f"config.fl.client_parallelism={strategy!r}; choose one of {STRATEGIES}.")
+    raise ValueError(
+      f"config.fl.client_parallelism={strategy!r}; choose 'auto' or one of {STRATEGIES}."
+    )
   c = sharding.CLIENTS
   # group_size 0 (auto, "group" / "chunked"): chosen from the first round's shapes and the
   # device's memory (``auto_group_size``); ``run.info`` says what was chosen and why.

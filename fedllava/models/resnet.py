@@ -18,6 +18,7 @@ feature MLP to the teacher's width, Eq. 2's g_fl(x)) is present when ``mlp_dim``
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -155,7 +156,81 @@ class Im2ColConv(nn.Module):
     return jnp.einsum("bhwk,kf->bhwf", patches, w.astype(self.dtype))
 
 
-CONV_IMPLS = ("xla", "im2col", "shift")
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_fwd_only(x, w, stride: int, pad: int):
+  return jax.lax.conv_general_dilated(
+    x, w, (stride, stride), ((pad, pad), (pad, pad)), None, None, _DN
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def eigen_conv(x: jax.Array, w: jax.Array, stride: int, pad: int) -> jax.Array:
+  """XLA's convolution whose two gradients are written as forward-form convolutions.
+
+  Why: XLA:CPU hands a convolution to Eigen only in its canonical form (``b01f_01io->b01f``).
+  Inside a ``while`` loop (our scan over local steps) the gradient convolutions that autodiff
+  emits stay non-canonical (``f01b_i01o->01bf``) and run as XLA's naive loop nest: 20-70x
+  slower than Eigen (``benchmarks/README.md``). Here the input gradient is a stride-1 convolution
+  of the (stride-dilated) output gradient with the flipped, transposed kernel, and the kernel
+  gradient a convolution of the input (channels as batch) with the output gradient as kernel
+  (``rhs_dilation`` = stride): both canonical, both Eigen. In float64 the gradients are
+  bit-identical to autodiff's (``tests/test_resnet.py``).
+  """
+  return _conv_fwd_only(x, w, stride, pad)
+
+
+def _eigen_conv_fwd(x, w, stride, pad):
+  return _conv_fwd_only(x, w, stride, pad), (x, w)
+
+
+def _eigen_conv_bwd(stride, pad, res, dy):
+  x, w = res
+  k, (h, wd), (ho, wo) = w.shape[0], x.shape[1:3], dy.shape[1:3]
+  s, p = stride, pad
+  # dx: transposed convolution = lhs-dilated convolution with the flipped, io-swapped kernel;
+  # the high padding restores the rows/columns the forward's stride dropped.
+  wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  hi = lambda n, no: k - 1 - p + n - ((no - 1) * s + k - 2 * p)  # noqa: E731
+  dx = jax.lax.conv_general_dilated(
+    dy, wt, (1, 1), ((k - 1 - p, hi(h, ho)), (k - 1 - p, hi(wd, wo))), (s, s), None, _DN
+  )
+  # dw[i, j, c, f] = sum_{b, y, x} xpad[b, y * s + i, x * s + j, c] dy[b, y, x, f]: the input
+  # with channels as batch and examples as features, the output gradient as the kernel.
+  hi_w = lambda n, no: k - n - p + (no - 1) * s  # noqa: E731
+  dw = jax.lax.conv_general_dilated(
+    x.transpose(3, 1, 2, 0),
+    dy.transpose(1, 2, 0, 3),
+    (1, 1),
+    ((p, hi_w(h, ho)), (p, hi_w(wd, wo))),
+    None,
+    (s, s),
+    _DN,
+  )
+  return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+eigen_conv.defvjp(_eigen_conv_fwd, _eigen_conv_bwd)
+
+
+class EigenConv(nn.Module):
+  """A bias-free convolution through ``eigen_conv``: the same parameters as ``nn.Conv``."""
+
+  features: int
+  kernel_size: int
+  stride: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), _param_dtype(self))
+    return eigen_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - 1) // 2)
+
+
+CONV_IMPLS = ("xla", "im2col", "shift", "eigen")
 
 
 def _conv(
@@ -167,6 +242,8 @@ def _conv(
     return Im2ColConv(
       features, kernel, stride, dtype=dtype, param_dtype=pd, patches=patches, name=name
     )
+  if impl == "eigen":
+    return EigenConv(features, kernel, stride, dtype=dtype, param_dtype=pd, name=name)
   pad = (kernel - 1) // 2
   return nn.Conv(
     features,
@@ -255,8 +332,10 @@ class ResNet(nn.Module):
     num_classes: classifier outputs.
     stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool).
     conv_impl: ``"xla"`` (``nn.Conv``), ``"im2col"`` (same parameters, batched-matmul
-      friendly under ``vmap``; see ``Im2ColConv``) or ``"shift"`` (im2col whose patches are
-      strided slices, ``shifted_patches``: the fastest on CPU, ``auto``'s choice there).
+      friendly under ``vmap``; see ``Im2ColConv``), ``"shift"`` (im2col whose patches are
+      strided slices, ``shifted_patches``) or ``"eigen"`` (XLA's convolutions with gradients
+      XLA:CPU keeps on Eigen inside a scan, ``eigen_conv``: the fastest on CPU, ``auto``'s
+      choice there).
     mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
     head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
     dtype: the computation (activation) dtype; bfloat16 = mixed precision.
@@ -354,8 +433,8 @@ def create_model(model_config, num_classes: int) -> ResNet:
   param_dtype, dtype = dtypes(model_config)
   width = model_config.get("width", 64)
   impl = model_config.get("conv_impl", "auto")
-  if impl == "auto":  # measured: benchmarks/results/fl_round_cpu_small_* and round_speed_*
-    impl = "shift" if jax.default_backend() == "cpu" else "xla"
+  if impl == "auto":  # measured: benchmarks/README.md (fl_round_cpu_small_*, round_speed_h200_*)
+    impl = "eigen" if jax.default_backend() == "cpu" else "xla"
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
   if model_config.name == "resnet8":

@@ -1,0 +1,223 @@
+"""Where the CPU round's time goes: one client's local training taken apart, piece by piece.
+
+  python benchmarks/profile_cpu_round.py                 # cpu_small shapes, every piece
+  python benchmarks/profile_cpu_round.py --pieces=full@shift:fp32,fwdbwd@shift:fp32
+
+Each piece is one jitted ``lax.scan`` over the local steps of one client of
+``fl_round.py --preset=cpu_small`` (621 images, 20 steps of batch 32, ResNet-8 width 16),
+compiled first, then timed interleaved with the others (``--repeats`` rounds, medians), so a
+shared machine's load hits all alike. Pieces (``KIND@CONV:DTYPE``):
+
+* ``full``: ``client.create_local_trainer(...).train``, the production local training;
+* ``fwdbwd``: forward + backward + SGD update on fixed, pre-augmented batches (no gather,
+  normalisation, augmentation or masked carry);
+* ``fwd``: the training-mode forward alone (BN batch statistics);
+* ``nobn``: ``fwdbwd`` with BN replaced by the identity (what the convolutions cost);
+* ``input``: the gather ``images[idx]``, normalisation and crop + flip alone;
+* ``select``: the masked carry ``jnp.where(active, new, old)`` over the whole carry alone.
+
+Output: a table of ms per step and the share of ``full``, and JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+DEFAULT = [
+  "full@shift:fp32",
+  "full@xla:fp32",
+  "full@shift:bf16",
+  "full@xla:bf16",
+  "fwdbwd@shift:fp32",
+  "fwdbwd@xla:fp32",
+  "fwdbwd@shift:bf16",
+  "fwdbwd@xla:bf16",
+  "fwd@shift:fp32",
+  "fwd@xla:fp32",
+  "nobn@shift:fp32",
+  "nobn@xla:fp32",
+  "input@-:fp32",
+  "select@shift:fp32",
+]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--pieces", default=",".join(DEFAULT))
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--width", type=int, default=16)
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+
+  import fl_round
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+
+  from fedllava import algorithms
+  from fedllava.data.augment import augment, normalize
+  from fedllava.federate import client
+  from fedllava.models import resnet
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  s = fl_round.PRESETS["cpu_small"]
+  n, batch = 621, s["batch"]
+  steps = client.steps_per_epoch(n, batch)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (n, s["hw"], s["hw"], 3), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, (n,)).astype(np.int32))
+  plan = client.make_batch_plan(n, n, 1, batch, rng)
+  plan = jax.tree.map(jnp.asarray, plan)
+  key = jax.random.PRNGKey(1)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(steps))
+  algo = algorithms.fedavg.create()
+
+  def model_for(conv, dt):
+    cfg = ml_collections.ConfigDict(
+      dict(
+        name="resnet8",
+        width=a.width,
+        conv_impl=conv,
+        dtype="float32",
+        compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dt],
+        mlp_dim=None,
+        head_on_mlp=False,
+      )
+    )
+    return resnet.create_model(cfg, 10)
+
+  fixed_x = jax.jit(
+    jax.vmap(
+      lambda idx, k: augment(
+        normalize(images[idx], fl_round.MEAN, fl_round.STD), k, s["crop"], True, False
+      )
+    )
+  )(plan.idx, keys)
+
+  def build(piece):
+    kind, rest = piece.split("@")
+    conv, dt = rest.split(":")
+    if kind == "input":
+
+      def body(c, xs):
+        idx, k = xs
+        x = augment(normalize(images[idx], fl_round.MEAN, fl_round.STD), k, s["crop"], True, False)
+        return c + jnp.sum(x), None
+
+      f = jax.jit(lambda: jax.lax.scan(body, 0.0, (plan.idx, keys))[0])
+      return lambda: f()
+    model = model_for(conv, dt)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
+    if kind == "full":
+      tr = client.create_local_trainer(
+        model,
+        algo,
+        learning_rate=0.1,
+        mean=fl_round.MEAN,
+        std=fl_round.STD,
+        crop_padding=s["crop"],
+        flip=True,
+        per_batch_augment=False,
+      )
+      f = jax.jit(lambda v: tr.train(v, images, labels, plan, key)[0])
+      return lambda: f(variables)
+    if kind == "select":
+
+      def body(c, act):
+        new = jax.tree.map(lambda x: x * 1.0001, c)
+        return jax.tree.map(lambda nw, o: jnp.where(act, nw, o), new, c), None
+
+      f = jax.jit(lambda v: jax.lax.scan(body, v, plan.active)[0])
+      return lambda: f(variables)
+    if kind == "nobn":  # BN replaced by the identity: the convolutions' cost
+      orig = resnet.BatchNorm.__call__
+      resnet.BatchNorm.__call__ = lambda self, x, train, mask=None: x.astype(self.dtype)
+      try:
+        variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
+      finally:
+        resnet.BatchNorm.__call__ = orig
+    tx = optax.sgd(0.1)
+
+    def loss_fn(params, stats, x, y, w):
+      out, new = model.apply(
+        {"params": params, "batch_stats": stats}, x, train=True, mask=w, mutable=["batch_stats"]
+      )
+      return algo.client_loss(out, y, w, None), new["batch_stats"]
+
+    def body(carry, xs):
+      params, stats, opt = carry
+      x, idx, w = xs
+      y = labels[idx]
+      if kind == "fwd":
+        loss, stats = loss_fn(params, stats, x, y, w)
+        return (params, stats, opt), loss
+      (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, w)
+      upd, opt = tx.update(g, opt, params)
+      return (optax.apply_updates(params, upd), stats, opt), loss
+
+    def run(v):
+      c = (v["params"], v.get("batch_stats", {}), tx.init(v["params"]))
+      return jax.lax.scan(body, c, (fixed_x, plan.idx, plan.weight))
+
+    def wrapped(v):
+      if kind == "nobn":
+        orig = resnet.BatchNorm.__call__
+        resnet.BatchNorm.__call__ = lambda self, x, train, mask=None: x.astype(self.dtype)
+        try:
+          return run(v)
+        finally:
+          resnet.BatchNorm.__call__ = orig
+      return run(v)
+
+    f = jax.jit(wrapped)
+    return lambda: f(variables)
+
+  pieces = [x for x in a.pieces.split(",") if x]
+  fns, compile_s = {}, {}
+  for pc in pieces:
+    t0 = time.perf_counter()
+    fns[pc] = build(pc)
+    jax.block_until_ready(fns[pc]())
+    compile_s[pc] = time.perf_counter() - t0
+    print(pc, f"compiled {compile_s[pc]:.1f}s", flush=True)
+  times = {pc: [] for pc in pieces}
+  for _ in range(a.repeats):
+    for pc in pieces:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[pc]())
+      times[pc].append(time.perf_counter() - t0)
+  med = {pc: statistics.median(v) for pc, v in times.items()}
+  ref = next((med[x] for x in pieces if x.startswith("full@shift:fp32")), None)
+  print(f"{'piece':22s} {'ms/step':>8s} {'share of full@shift:fp32':>25s}")
+  for pc in pieces:
+    share = f"{med[pc] / ref:.2f}" if ref else ""
+    print(f"{pc:22s} {1e3 * med[pc] / steps:8.2f} {share:>25s}")
+  res = dict(
+    shapes=dict(n=n, batch=batch, steps=steps, width=a.width, hw=s["hw"]),
+    load_average=list(os.getloadavg()),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    jax=jax.__version__,
+    ms_per_step={pc: 1e3 * med[pc] / steps for pc in pieces},
+    times_s=times,
+    compile_s=compile_s,
+  )
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump(res, f, indent=1)
+  return res
+
+
+if __name__ == "__main__":
+  main()
