@@ -58,7 +58,7 @@ PRESETS = {
     epochs=1,
     batch=32,
     width=4,
-    strategies=("chunked",),
+    strategies=("map", "chunked"),  # map: the CPU's `auto` (each client its own active steps)
   ),
   "gpu": dict(
     datasets=("cifar", "digits"),
@@ -234,7 +234,7 @@ def run_point(data: dict, m: int, strategy: str, group: str, p: dict, repeats: i
   first = one(0)  # compile (and, for auto, choose the chunk size)
   compile_s = time.perf_counter() - t0
   timed = [one(r) for r in range(1, repeats + 1)]
-  used = fn.info.get("group_size", g) if strategy == "chunked" else m
+  used = fn.info.get("group_size", g) if strategy == "chunked" else (1 if strategy == "map" else m)
   s_med = statistics.median(t["s"] for t in timed)
   ex = statistics.median(t["examples"] for t in timed)
   iters = [chunk_iterations(t["steps"], max(1, min(used, len(t["steps"])))) for t in timed]
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   ap.add_argument("--datasets", default="", help="comma list: cifar, digits")
   ap.add_argument("--points", default="", help="clients per round, comma list")
-  ap.add_argument("--strategies", default="", help="comma list: chunked, vmap")
+  ap.add_argument("--strategies", default="", help="comma list: map, chunked, vmap")
   ap.add_argument("--group_sizes", default="auto", help="chunk sizes for chunked: auto and/or N")
   ap.add_argument("--width", type=int, default=0, help="ResNet-8 width (preset's if 0)")
   ap.add_argument("--epochs", type=int, default=0)

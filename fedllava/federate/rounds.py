@@ -387,6 +387,7 @@ def auto_group_size(
   *,
   divisor: bool = False,
   budget: tuple[int, str] | None = None,
+  platform: str | None = None,
 ) -> dict:
   """``fl.group_size = 0``: the chunk size for this round's shapes, step counts and the
   device's memory (decided at the first round, kept for the run: later rounds draw from the
@@ -396,7 +397,10 @@ def auto_group_size(
   per-client cost (data, plan, model copies, step activations) and the fixed part. The round
   also keeps every client's output model twice (sorted, then in input order): that is reserved
   first. Time: ``choose_group_size``'s model with the busiest device's clients' step counts
-  and ``SATURATION_EXAMPLES`` of the backend over the batch size. Returns ``{"group_size",
+  and ``SATURATION_EXAMPLES`` of the backend over the batch size. On a CPU (``platform``,
+  default the device's) ``chunked`` takes one client per chunk: vmapped per-client kernels
+  become grouped convolutions there, 3-8x slower per client than one client at a time
+  (benchmarks/README.md), so the chunks only sort and trim the steps. Returns ``{"group_size",
   "per_client_bytes", "fixed_bytes", "budget_bytes", "budget_source", ...}`` (``run.info``;
   the loop prints it).
   """
@@ -413,7 +417,7 @@ def auto_group_size(
   free, source = budget if budget is not None else memory_budget()
   steps = np.asarray(inputs.plan.active).sum(-1).reshape(num_devices, -1)
   busiest = steps[int(np.argmax(steps.sum(-1)))]
-  platform = jax.local_devices()[0].platform
+  platform = platform or jax.local_devices()[0].platform
   batch = inputs.plan.idx.shape[-1]
   saturation = SATURATION_EXAMPLES.get(platform, SATURATION_EXAMPLES["gpu"]) / batch
   g = choose_group_size(
@@ -425,6 +429,8 @@ def auto_group_size(
     saturation=saturation,
     divisor=divisor,
   )
+  if platform == "cpu" and not divisor:
+    g = 1
   return {
     "group_size": g,
     "per_client_bytes": per_client,
