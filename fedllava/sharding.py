@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+import threadpoolctl
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,8 +42,35 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def single_threaded_cpu_lapack(devices) -> None:
+  """Limits the BLAS that jaxlib's CPU LAPACK kernels call to one thread, on a multi-device CPU.
+
+  A jitted program on several CPU devices (``--xla_force_host_platform_device_count=8``) runs
+  every device's copy of a replicated computation at once, so e.g. CCVR's ``eigh`` calls
+  jaxlib's LAPACK kernel from 8 threads together. That LAPACK is scipy's OpenBLAS, whose own
+  thread server, entered by concurrent callers, deadlocked (gdb: every device thread parked in
+  ``ssyevd`` -> ``exec_blas_async``; CCVR's first round on digits never finished). One
+  OpenBLAS thread per caller removes it; the matrices here are small (per-class ``[F, F]``)
+  and the devices already run in parallel. (A *batched* LAPACK call deadlocks in jaxlib's
+  ``ParallelBatchMap`` as well; callers map over single matrices, as ``ccvr.sample_virtual``.)
+  Every BLAS that ``threadpoolctl`` (a scikit-learn dependency) finds is limited, numpy's
+  included; XLA's own matmuls use neither.
+  """
+  if len(devices) < 2 or devices[0].platform != "cpu":
+    return
+  # jaxlib loads that LAPACK lazily, at the first LAPACK op; load it now so that the limit
+  # reaches it (threadpoolctl limits the libraries loaded when it is called).
+  import scipy.linalg.cython_lapack  # noqa: F401
+
+  threadpoolctl.threadpool_limits(1, user_api="blas")  # process-wide, not a context
+
+
 def create_client_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh over the first ``num_devices`` devices (all by default), axis ``clients``."""
+  """A 1-D mesh over the first ``num_devices`` devices (all by default), axis ``clients``.
+
+  On several CPU devices it also makes LAPACK safe to call from all of them at once
+  (``single_threaded_cpu_lapack``).
+  """
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
@@ -51,6 +79,7 @@ def create_client_mesh(num_devices: int | None = None) -> Mesh:
         "are visible; lower it or leave it 0 to use all."
       )
     devices = devices[:num_devices]
+  single_threaded_cpu_lapack(devices)
   return Mesh(np.asarray(devices), (CLIENTS,))
 
 

@@ -5,6 +5,9 @@ Expected values come from numpy / PyTorch computations written here, never from 
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_digits
+from conftest import ROOT, tiny_digits
 
 from fedllava import main, sharding
 from fedllava.algorithms import base, ccvr, classifier, creff
@@ -352,3 +355,50 @@ def test_method_runs_end_to_end_on_digits(tmp_path, name, extra):
 def test_bad_method_config_names_the_field(override, message):
   with pytest.raises(ValueError, match=message):
     main.validate(tiny_digits(1, **override))
+
+
+LAPACK_ON_8_DEVICES = """
+import jax, jax.numpy as jnp
+from fedllava import sharding
+from fedllava.algorithms import ccvr
+
+mesh = sharding.create_client_mesh()
+assert mesh.size == 8, mesh.size
+repl = sharding.replicated(mesh)
+
+def f(x):
+  def body(carry, _):  # [C, F, F] singular covariances (rank 30 < F = 64), as CCVR's tail classes
+    covs = jnp.einsum("cnf,cng->cfg", carry, carry) / 29.0
+    v = ccvr.sample_virtual(jax.random.PRNGKey(0), jnp.mean(carry, 1), covs, 4)
+    return carry + 1e-3 * v[:, :1, :], jnp.sum(v)
+  return jnp.sum(jax.lax.scan(body, x, None, length=30)[1])
+
+x = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (10, 30, 64)), repl)
+print(float(jax.jit(f, in_shardings=repl, out_shardings=repl)(x)))
+"""
+
+
+def test_ccvr_sampler_does_not_deadlock_on_8_cpu_devices():
+  """CCVR's ``eigh``, replicated on 8 host devices of a 2-core machine, finishes.
+
+  jaxlib's CPU LAPACK deadlocked when every device thread called it at once, in two ways (gdb):
+  a batched ``eigh`` waits in ``ParallelBatchMap`` for chunks it queued on XLA's thread pool,
+  and scipy's OpenBLAS thread server parks its concurrent callers in ``exec_blas_async``. The
+  first CCVR round on digits never finished. Now the sampler calls ``eigh`` one class at a
+  time and ``sharding.create_client_mesh`` limits that BLAS to one thread. Mutations caught
+  (watched, each killed at a 60 s timeout in 2 of 2 runs): the batched ``jnp.linalg.eigh(covs)``
+  back in ``sample_virtual``; ``single_threaded_cpu_lapack`` left out of ``create_client_mesh``.
+  """
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  try:
+    out = subprocess.run(
+      [sys.executable, "-c", LAPACK_ON_8_DEVICES],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+  except subprocess.TimeoutExpired:
+    pytest.fail("the replicated eigh on 8 CPU devices hung (LAPACK deadlock)")
+  assert out.returncode == 0, out.stderr[-2000:]

@@ -136,3 +136,28 @@ def test_labeled_server_set_is_balanced_and_held_by_no_client():
   other = tiny_digits(1)
   assert len(federated._pools(other, full)) == 2
   assert federated.build(other).labeled is None
+
+
+def test_labeled_server_set_is_the_method_declaration_not_its_name(monkeypatch):
+  """The data build reads the count from the method's module (``server_labeled_per_class``), so a
+  new method with ``server_data="labeled_balanced"`` needs no edit in ``data/``; every module
+  that declares one builds a method that asks for the set. Mutation caught: the build choosing
+  the set by ``fl.algorithm == "ratioloss"`` again (the toy method gets no set)."""
+  import types
+
+  from fedllava.data import federated
+
+  toy = types.SimpleNamespace(
+    from_config=lambda fl: base.create("toy", server_data="labeled_balanced"),
+    server_labeled_per_class=lambda fl: (2, "config.fl.toy.per_class"),
+  )
+  monkeypatch.setitem(algorithms.METHODS, "toy", toy)
+  cfg = tiny_digits(1, **{"fl.algorithm": "toy"})
+  assert federated.server_labeled_per_class(cfg) == (2, "config.fl.toy.per_class")
+  full = federated._load(cfg, "train")
+  labeled = federated._pools(cfg, full, aux=True)[2]
+  np.testing.assert_array_equal(np.bincount(full.labels[labeled]), [2] * full.num_classes)
+  for name, module in algorithms.METHODS.items():
+    if hasattr(module, "server_labeled_per_class"):
+      c = tiny_digits(1, **{"fl.algorithm": name})
+      assert module.from_config(c.fl).server_data == "labeled_balanced", name

@@ -166,8 +166,9 @@ class FLAlgorithm(NamedTuple):
     eval_variables: ``(variables, state) -> variables`` that are evaluated.
     server_data: which server-side data the server step needs: None, "unlabeled" (the
       training images that the long tail leaves out, without labels: FedDF, FedBE),
-      "labeled_balanced" (``config.fl.ratioloss.aux_per_class`` labelled images of every class,
-      held out of the training split before the long tail: Ratio Loss's monitor) or
+      "labeled_balanced" (labelled images of every class, held out of the training split
+      before the long tail: Ratio Loss's monitor; the method's module declares the count as
+      ``server_labeled_per_class(fl_config) -> (count, field)``, which the data build reads) or
       "class_text_embeddings" (CLIP's ``[C, D]`` unit class text embeddings, from
       ``config.align.teacher``: CLIP2FL).
     side_data: per-example data the local loss needs: None or "teacher_logits" (CLIP's

@@ -86,7 +86,11 @@ def pool_statistics(counts, means, covs):
 def sample_virtual(key, means, covs, num: int):
   """``[C, num, F]`` draws from ``N(mu_c, Sigma_c)`` by ``mu + V sqrt(L) z`` with
   ``Sigma = V diag(L) V^T`` (``eigh``: works for the singular covariances of tail classes)."""
-  eigvals, eigvecs = jnp.linalg.eigh(covs)
+  # One class at a time, never a batched ``eigh``: on CPU, jaxlib's LAPACK kernel fans a batch
+  # out over XLA's intra-op thread pool and waits for it, which deadlocks when several devices
+  # run this replicated step at once (8 host devices: the first round never finished). One
+  # matrix runs in the calling thread (see also ``sharding.single_threaded_cpu_lapack``).
+  eigvals, eigvecs = jax.lax.map(jnp.linalg.eigh, covs)
   # Eigenvalues within round-off of 0 are 0: a singular covariance's null space has arbitrary
   # eigenvectors, which must not add noise of size sqrt(round-off) in arbitrary directions.
   tol = covs.shape[-1] * jnp.finfo(covs.dtype).eps * jnp.max(jnp.abs(eigvals), -1, keepdims=True)

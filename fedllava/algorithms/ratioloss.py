@@ -143,6 +143,12 @@ def create(alpha: float = 1.0, beta: float = 0.1) -> base.FLAlgorithm:
   )
 
 
+def server_labeled_per_class(fl) -> tuple[int, str]:
+  """The monitor's auxiliary set (``server_data="labeled_balanced"``): images per class the data
+  build holds out with labels, and the field that sets it."""
+  return int(fl.ratioloss.aux_per_class), "config.fl.ratioloss.aux_per_class"
+
+
 def from_config(fl) -> base.FLAlgorithm:
   return create(fl.ratioloss.alpha, fl.ratioloss.beta)
 

@@ -41,7 +41,7 @@ class FederatedData:
       holds them, never the test set), without labels; only when ``build(unlabeled=True)``
       (the server data of FedDF and FedBE), else None.
     labeled: the server's labelled, class-balanced auxiliary set (Ratio Loss's monitor data):
-      ``server_labeled_per_class(config)`` images of every class held out of the training
+      ``server_labeled_per_class(config)[0]`` images of every class held out of the training
       split before the long tail (no client holds them, never the test set), else None.
   """
 
@@ -77,8 +77,9 @@ class FederatedData:
     balanced set; raises a ConfigError when the run holds none out."""
     if self.labeled is None or not len(self.labeled.labels):
       raise errors.ConfigError(
-        "this FL method needs the server's labelled balanced images; set "
-        "config.fl.ratioloss.aux_per_class >= 1."
+        "this FL method needs the server's labelled balanced images, and the run holds none "
+        "out (its module's server_labeled_per_class, e.g. config.fl.ratioloss.aux_per_class, "
+        "must be >= 1)."
       )
     return {"images": self.labeled.images, "labels": self.labeled.labels.astype(np.int32)}
 
@@ -147,13 +148,25 @@ def needs_server_holdout(config) -> bool:
   return "align" in stages and bool(a) and a.per_class > 0 and not a.get("data_dir")
 
 
-def server_labeled_per_class(config) -> int:
-  """Images per class the server holds out, with labels, for its FL method: Ratio Loss's
-  auxiliary set (``config.fl.ratioloss.aux_per_class``); 0 for every other method."""
+def server_labeled_per_class(config) -> tuple[int, str]:
+  """``(images per class, config field)`` of the labelled, class-balanced set the server holds
+  out for its FL method, ``(0, "")`` when the method needs none.
+
+  A method asks for one by ``server_data="labeled_balanced"`` and declares the count in its
+  module as ``server_labeled_per_class(fl_config) -> (count, "config.fl.<name>.<field>")``
+  (Ratio Loss: ``config.fl.ratioloss.aux_per_class``); nothing here names a method.
+  """
   fl = config.get("fl")
-  if fl is None or fl.get("algorithm") != "ratioloss":
-    return 0
-  return int(fl.ratioloss.aux_per_class)
+  if fl is None:
+    return 0, ""
+  from fedllava import algorithms  # the registry imports the data pipeline's users
+
+  module = algorithms.METHODS.get(fl.get("algorithm"))
+  declare = getattr(module, "server_labeled_per_class", None)
+  if declare is None:
+    return 0, ""
+  count, field = declare(fl)
+  return int(count), field
 
 
 def _pools(config, full: sources.Dataset, aux: bool = False):
@@ -174,14 +187,14 @@ def _pools(config, full: sources.Dataset, aux: bool = False):
     except ValueError as e:
       raise errors.ConfigError(f"config.align.per_class={per_class}: {e}") from None
   labeled = np.zeros((0,), np.int64)
-  aux_per_class = server_labeled_per_class(config)
+  aux_per_class, aux_field = server_labeled_per_class(config)
   if aux_per_class > 0:  # its own seed: D_align and the long tail's draws stay as they were
     try:
       at, rest = longtail.holdout_balanced(
         full.labels[pool], c, aux_per_class, np.random.RandomState(lt_seed + 2)
       )
     except ValueError as e:
-      raise errors.ConfigError(f"config.fl.ratioloss.aux_per_class={aux_per_class}: {e}") from None
+      raise errors.ConfigError(f"{aux_field}={aux_per_class}: {e}") from None
     labeled, pool = pool[at], pool[rest]
   kept = pool[
     longtail.make_longtail(full.labels[pool], c, d.imbalance_factor, np.random.RandomState(lt_seed))
