@@ -202,7 +202,7 @@ def run_point(data: dict, m: int, strategy: str, group: str, p: dict, repeats: i
     examples = p["epochs"] * int(np.sum(data["sizes"][sel]))
     return inputs, examples, host_s
 
-  g = 0 if group == "auto" else int(group)
+  g = 0 if group == "auto" else (1 if group == "-" else int(group))
   fn = rounds.create_round_fn(trainer, algo, mesh, strategy, g if strategy == "chunked" else 1)
   state = algo.server_optimizer.init(variables["params"])
   rss = PeakRSS() if jax.devices()[0].platform == "cpu" else None
