@@ -41,8 +41,11 @@ Conventions where the code and this framework differ (and why):
     as an option) collapses on the digits default: for a class the model no longer predicts,
     the other classes' updates of its column vanish, Ra hits the cap and the weight 501
     (digits default, seed 7: top-1 18.7, weights up to 501; the training: 96.7, weights
-    1.19-4.75; the training without weight decay: 95.8, weights up to 4.94, so the decay is not
-    what bounds them).
+    1.19-4.75; without weight decay: 95.8, up to 4.94; ONE step, no momentum, no decay: 95.5,
+    up to 5.21). That one step's kernel change is ``-lr`` times the gradient at ``W``, so what
+    separates it from ``"gradient"`` is BN: the code's ``net.train()`` normalises each class's
+    batch by its own statistics, where ``"gradient"`` uses the running ones (eval mode), on
+    which the other classes' images give a never-predicted class probability ~0.
   * ``monitor="gradient"`` uses the model's features in eval mode (BN running statistics).
   * The monitor runs on the aggregated model of this round and its weights are used by the next
     round's clients; the authors' monitor runs on the model this round's clients started from
