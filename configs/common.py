@@ -180,6 +180,17 @@ def base_config() -> ml_collections.ConfigDict:
   # before the long tail (no client holds them). The code draws them from the training set
   # (ratio_loss_data) without a count we could read; 10 = a small balanced set.
   c.fl.ratioloss.aux_per_class = 10
+  # The monitor (main_nn.py: a LocalUpdate per class from the global model on that class's
+  # auxiliary images; Fed.py: the change of fc1.weight). "train": the code's local training;
+  # "gradient": one full-batch gradient at the global model (its first-order term; no decay).
+  c.fl.ratioloss.monitor = "train"
+  # SGD steps per class: the code's local_ep (options.py default 2) epochs of one batch each
+  # (a class's auxiliary images fit one local_bs=64 batch).
+  c.fl.ratioloss.monitor_steps = 2
+  # None = the clients' config.fl.learning_rate (the code passes the clients' args.lr).
+  c.fl.ratioloss.monitor_lr = ml_collections.FieldReference(None, field_type=float)
+  c.fl.ratioloss.monitor_momentum = 0.9  # Update.py LocalUpdate.train: SGD momentum=0.9
+  c.fl.ratioloss.monitor_weight_decay = 5e-4  # Update.py LocalUpdate.train: weight_decay=5e-4
   # CLIP2FL (shijiangming1/CLIP2FL options.py): CReFF's part from config.fl.creff (same values);
   # the teacher is config.align.teacher.
   c.fl.clip2fl = ml_collections.ConfigDict()

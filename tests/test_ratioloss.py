@@ -37,17 +37,46 @@ def test_ratio_loss_is_the_class_weighted_cross_entropy(x64):
   np.testing.assert_array_equal(np.asarray(algo.message(None, state)), np.ones(4))
 
 
-def _np_monitor(feats, labels, kernel, bias, c, alpha, beta):
-  """The authors' loops (models/Fed.py) on numpy class updates Delta_c = -dCE/dK."""
-  logits = feats @ kernel + bias
+def _np_softmax(logits):
   p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
+  return p / p.sum(1, keepdims=True)
+
+
+def _np_gradient_deltas(feats, labels, kernel, bias, c):
+  """Delta_c = -dCE/dK of class c's mean cross-entropy at (K, b)."""
+  p = _np_softmax(feats @ kernel + bias)
   deltas = []
   for cls in range(c):
     idx = labels == cls
     onehot = np.eye(c)[labels[idx]]
     deltas.append(-(feats[idx].T @ (p[idx] - onehot)) / idx.sum())
-  w = np.array(deltas)  # [C, D, C]
+  return np.array(deltas)  # [C, D, C]
+
+
+def _np_trained_deltas(feats, labels, kernel, bias, c, steps, lr, momentum, wd):
+  """The authors' monitor (main_nn.py + Update.py LocalUpdate.train) on a linear model, by hand:
+  for each class, a copy of (K, b) trained with PyTorch SGD(lr, momentum, weight_decay) on that
+  class's images (one full batch per step, mean CE), Delta_c = K_after - K."""
+  deltas = []
+  for cls in range(c):
+    x = feats[labels == cls]
+    onehot = np.eye(c)[np.full(len(x), cls)]
+    k, b = kernel.copy(), bias.copy()
+    buf_k = buf_b = None
+    for _ in range(steps):
+      err = (_np_softmax(x @ k + b) - onehot) / len(x)
+      gk = x.T @ err + wd * k
+      gb = err.sum(0) + wd * b
+      buf_k = gk if buf_k is None else momentum * buf_k + gk
+      buf_b = gb if buf_b is None else momentum * buf_b + gb
+      k, b = k - lr * buf_k, b - lr * buf_b
+    deltas.append(k - kernel)
+  return np.array(deltas)
+
+
+def _np_weights(w, alpha, beta):
+  """The authors' loops (models/Fed.py search_neuron_new + whole_determination) on [C, D, C]."""
+  c = w.shape[0]
   pos = np.zeros_like(w)
   for i in range(w.shape[1]):
     for j in range(w.shape[2]):
@@ -72,29 +101,81 @@ def _np_monitor(feats, labels, kernel, bias, c, alpha, beta):
   return np.array(out)
 
 
-def test_monitor_matches_the_authors_computation_on_a_linear_model(x64):
-  """The server step's class weights on a linear model (features = the images' pixels) equal the
-  authors' loops in numpy. Mutations caught: the ratio's numerator and denominator swapped, the
-  weights assigned to the wrong classes (inverted), the dominance threshold ignored."""
-  c, d, k = 3, 5, 4
-  rng = np.random.default_rng(1)
+def _linear_problem(c=3, d=5, k=4, seed=1):
+  rng = np.random.default_rng(seed)
   feats = np.abs(rng.normal(size=(c * k, d)))  # post-ReLU features are >= 0
-  labels = np.repeat(np.arange(c), k).astype(np.int32)
+  labels = rng.permutation(np.repeat(np.arange(c), k)).astype(np.int32)  # classes interleaved
   kernel = rng.normal(size=(d, c))
   kernel[:, 0] += 1.0  # class 0 is the majority the model already favours
   bias = rng.normal(size=(c,))
-  model_fn = lambda v, x: {"features": x}  # noqa: E731 (a linear model on its inputs)
-  variables = {"params": {"classifier": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}}
-  algo = ratioloss.create(alpha=1.0, beta=0.1)
+  return feats, labels, kernel, bias
+
+
+def _linear_model_fn(v, x, train=False):
+  """A linear model on its inputs (features = the images), no BN."""
+  clf = v["params"]["classifier"]
+  out = {"features": x, "logits": x @ clf["kernel"] + clf["bias"]}
+  return (out, v["batch_stats"]) if train else out
+
+
+def _server_step(algo, feats, labels, kernel, bias, c):
+  variables = {
+    "params": {"classifier": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}},
+    "batch_stats": {},
+  }
   ctx = base.ServerContext(
     variables, algo.server_init(variables, c, None), None, {}, None,
     {"images": jnp.asarray(feats), "labels": jnp.asarray(labels)}, None,
   )  # fmt: skip
-  out, state, metrics = algo.server_step(ctx, model_fn)
-  want = _np_monitor(feats, labels, kernel, bias, c, 1.0, 0.1)
-  np.testing.assert_allclose(np.asarray(state["class_weights"]), want, rtol=1e-10)
+  out, state, metrics = algo.server_step(ctx, _linear_model_fn)
   assert out is variables
+  return np.asarray(state["class_weights"]), metrics
+
+
+def test_trained_monitor_matches_the_authors_local_training_on_a_linear_model(x64):
+  """Oracle: on a linear model the monitor's local training is written by hand in numpy (PyTorch
+  SGD with momentum and weight decay on each class's images alone, from the global model), then
+  the authors' loops give the weights. Mutations caught (watched): weight decay ignored
+  (``add_decayed_weights`` dropped: class 1 gets 19.3 instead of 4.53), momentum ignored, a class trained
+  on another class's images (``class_batches`` without the sort), one step fewer."""
+  c = 3
+  feats, labels, kernel, bias = _linear_problem(c)
+  steps, lr, mom, wd = 3, 0.5, 0.9, 0.05  # decay large enough to move the ratio visibly
+  algo = ratioloss.create(
+    1.0, 0.1, monitor="train", monitor_steps=steps, monitor_lr=lr, monitor_momentum=mom,
+    monitor_weight_decay=wd,
+  )  # fmt: skip
+  got, metrics = _server_step(algo, feats, labels, kernel, bias, c)
+  deltas = _np_trained_deltas(feats, labels, kernel, bias, c, steps, lr, mom, wd)
+  want = _np_weights(deltas, 1.0, 0.1)
+  np.testing.assert_allclose(got, want, rtol=1e-10)
   assert len(set(np.round(want, 6))) == c  # distinct weights: a permutation would show
+  np.testing.assert_allclose(float(metrics["weight_max"]), want.max(), rtol=1e-10)
+  # the decay matters here (else its mutation could pass unseen)
+  plain = _np_weights(
+    _np_trained_deltas(feats, labels, kernel, bias, c, steps, lr, mom, 0.0), 1, 0.1
+  )
+  assert np.max(np.abs(plain - want)) > 1e-3
+  # the trained changes themselves, through the module function
+  variables = {"params": {"classifier": {"kernel": kernel, "bias": bias}}, "batch_stats": {}}
+  d = ratioloss.trained_updates(
+    _linear_model_fn, variables, jnp.asarray(feats), jnp.asarray(labels), c, steps=steps,
+    tx=ratioloss.sgd(lr, mom, wd),
+  )  # fmt: skip
+  np.testing.assert_allclose(np.asarray(d), deltas, rtol=1e-10, atol=1e-14)
+
+
+def test_gradient_monitor_matches_the_authors_computation_on_a_linear_model(x64):
+  """``monitor="gradient"`` (one full-batch gradient) on a linear model equals the authors' loops
+  on numpy class gradients. Mutations caught: the ratio's numerator and denominator swapped, the
+  weights assigned to the wrong classes (inverted), the dominance threshold ignored."""
+  c = 3
+  feats, labels, kernel, bias = _linear_problem(c)
+  algo = ratioloss.create(alpha=1.0, beta=0.1, monitor="gradient")
+  got, _ = _server_step(algo, feats, labels, kernel, bias, c)
+  want = _np_weights(_np_gradient_deltas(feats, labels, kernel, bias, c), 1.0, 0.1)
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  assert len(set(np.round(want, 6))) == c
   # the estimate is invariant to the update's step size (first-order: SGD of any lr)
   d1 = ratioloss.class_updates(jnp.asarray(feats), labels, jnp.asarray(kernel), bias, c)
   np.testing.assert_allclose(
@@ -103,7 +184,16 @@ def test_monitor_matches_the_authors_computation_on_a_linear_model(x64):
 
 
 def test_ratioloss_config_errors_name_the_field():
-  for field, value in [("alpha", -1.0), ("beta", float("nan")), ("aux_per_class", 0)]:
+  for field, value in [
+    ("alpha", -1.0),
+    ("beta", float("nan")),
+    ("aux_per_class", 0),
+    ("monitor", "grad"),
+    ("monitor_steps", 0),
+    ("monitor_lr", -0.1),
+    ("monitor_momentum", 1.0),
+    ("monitor_weight_decay", -1e-4),
+  ]:
     c = tiny_digits(1, **{"fl.algorithm": "ratioloss", f"fl.ratioloss.{field}": value})
     with pytest.raises(errors.ConfigError, match=f"config.fl.ratioloss.{field}"):
       algorithms.create(c.fl)
