@@ -94,6 +94,54 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
   return per_client
 
 
+def _run_clients_per_client(train: Callable) -> Callable:
+  """``map`` over clients that each bring their own global model and message (several runs
+  flattened into one client axis: ``_flat_runs_round``)."""
+
+  def per_client(variables, message, images, labels, plan, keys, sizes, side):
+    def one(a):
+      v, msg, im, lb, pl, k, n, sd = a
+      trips = jnp.sum(pl.active.astype(jnp.int32))
+      return train(v, im, lb, pl, k, msg, n, sd, num_iters=trips)
+
+    return jax.lax.map(one, (variables, message, images, labels, plan, keys, sizes, side))
+
+  return per_client
+
+
+def _flat_runs_round(
+  clients_fn: Callable, message_of: Callable, server_fn: Callable, client_axis
+) -> Callable:
+  """R runs' round with ``map``: the R x M clients flattened into one client axis, each with its
+  own run's global model and message, trained one after another (no run axis inside a client's
+  computation, so no batched convolution kernels: the CPU's fast path); then each run
+  aggregates its own M clients (``server_fn`` vmapped over runs, no reduction across runs),
+  from the clients' outputs laid out as a run alone lays them out (``client_axis``: runs
+  replicated, clients sharded), so each run's weighted sums add in the same order as alone.
+
+  Every argument has a leading run axis; the inputs a second, client axis.
+  """
+
+  def round_fn(variables, server_state, inputs: RoundInputs, server_inputs):
+    r, m = inputs.weights.shape[:2]
+    messages = jax.vmap(message_of)(variables, server_state)
+    per_client = lambda x: jnp.repeat(x, m, axis=0)  # noqa: E731  [R, ...] -> [R * M, ...]
+    flat = lambda x: x.reshape((r * m,) + x.shape[2:])  # noqa: E731
+    xs = (inputs.images, inputs.labels, inputs.plan, inputs.keys, inputs.sizes, inputs.side)
+    client_vars, out = clients_fn(
+      jax.tree.map(per_client, variables),
+      jax.tree.map(per_client, messages),
+      *jax.tree.map(flat, xs),
+    )
+    unflat = lambda x: x.reshape((r, m) + x.shape[1:])  # noqa: E731
+    client_vars, out = jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(unflat(x), client_axis), (client_vars, out)
+    )
+    return jax.vmap(server_fn)(variables, server_state, inputs, server_inputs, client_vars, out)
+
+  return round_fn
+
+
 def _chunked(train: Callable, variables, message, xs, group_size: int):
   """The ``chunked`` strategy: clients sorted by local step count, cut into chunks of
   ``group_size``, a ``lax.map`` over the chunks and ``vmap`` inside one; a chunk runs only its
@@ -153,8 +201,10 @@ def create_round_fn(
   Only what the clients upload reaches the server: parameters, statistics and, for the
   methods that declare them, per-class statistics or gradients (``client_upload``).
 
-  ``runs=True``: the same round ``jax.vmap``-ed over a leading run axis of every argument
-  (``create_multirun_round_fn``).
+  ``runs=True``: R runs' rounds in one computation, every argument with a leading run axis
+  (``create_multirun_round_fn``): with ``map``, runs x clients flattened into the one client
+  axis, each client with its run's model, then each run aggregating its own clients
+  (``_flat_runs_round``); with the other strategies, the round ``jax.vmap``-ed over runs.
   """
   strategy = resolve_strategy(strategy)
   if strategy not in STRATEGIES:
@@ -175,14 +225,25 @@ def create_round_fn(
       check_vma=False,
     )(*args)
 
+  def clients_fn_per_client(*args):  # variables and message carry the client axis too
+    return jax.shard_map(
+      _run_clients_per_client(trainer.train),
+      mesh=mesh,
+      in_specs=(P(c),) * 8,
+      out_specs=P(c),
+      check_vma=False,
+    )(*args)
+
   base = algorithms.base
 
+  def message_of(variables, server_state):
+    method_state = base.split_server_state(algorithm, server_state)[1]
+    return None if algorithm.message is None else algorithm.message(variables, method_state)
+
   def round_fn(variables, server_state, inputs: RoundInputs, server_inputs):
-    opt_state, method_state = base.split_server_state(algorithm, server_state)
-    message = None if algorithm.message is None else algorithm.message(variables, method_state)
     client_vars, m = clients_fn(
       variables,
-      message,
+      message_of(variables, server_state),
       inputs.images,
       inputs.labels,
       inputs.plan,
@@ -190,6 +251,12 @@ def create_round_fn(
       inputs.sizes,
       inputs.side,
     )
+    return server_fn(variables, server_state, inputs, server_inputs, client_vars, m)
+
+  def server_fn(variables, server_state, inputs: RoundInputs, server_inputs, client_vars, m):
+    """Aggregation and the server step on the clients' outputs (one run)."""
+    opt_state, method_state = base.split_server_state(algorithm, server_state)
+    m = dict(m)
     uploads = m.pop("upload", {})
     metrics = {
       "train/loss": jnp.sum(inputs.weights * m["loss"]),
@@ -232,7 +299,10 @@ def create_round_fn(
     return new_vars, server_state, metrics
 
   repl = sharding.replicated(mesh)
-  if runs:  # several runs: one lane each, the client axis second (see create_multirun_round_fn)
+  if runs and strategy == "map":  # several runs, clients one at a time: runs x clients flattened
+    cs = NamedSharding(mesh, P(None, c))
+    round_fn = _flat_runs_round(clients_fn_per_client, message_of, server_fn, cs)
+  elif runs:  # several runs: one lane each, the client axis second (see create_multirun_round_fn)
     round_fn = jax.vmap(round_fn)
     cs = NamedSharding(mesh, P(None, c))
   else:
