@@ -155,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.creff.batch_size = 32  # --batch_size_local_training (re-training batches)
   c.fl.creff.grad_batch = 32  # --batch_real (per class, min(32, N_c) examples)
   c.fl.creff.grad_repeats = 10  # main.py:205, gradients averaged over 10 batches
+  # --method DSA (options.py:32-41, main.py:209-211): Differentiable Siamese Augmentation of
+  # each gradient batch's real images, one strategy and one draw per batch; False: none.
+  c.fl.creff.dsa = True
+  c.fl.creff.dsa_strategy = "color_crop_cutout_flip_scale_rotate"  # --dsa_strategy
   # Client-level DP (fedllava/privacy.py): a wrapper around the chosen method's aggregation,
   # off by default. McMahan et al. 2018 (DP-FedAvg), Andrew et al. 2021 (adaptive clipping).
   c.fl.dp = ml_collections.ConfigDict()

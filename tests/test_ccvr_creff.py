@@ -297,7 +297,7 @@ def test_creff_uploads_gradients_of_the_sent_classifier_on_the_global_backbone(x
   the server sent (``message``) on the received model's features; the evaluated model is the
   re-trained classifier while the clients get FedAvg's. Mutations caught: gradients of the
   FedAvg classifier or of the locally trained model, the padding client holding classes."""
-  algo = creff.create(4, match_steps=1, retrain_epochs=1, batch_size=4, grad_batch=16)
+  algo = creff.create(4, match_steps=1, retrain_epochs=1, batch_size=4, grad_batch=16, dsa=False)
 
   def spy(ctx, model_fn):
     new_vars, state, m = algo.server_step(ctx, model_fn)
@@ -321,6 +321,39 @@ def test_creff_uploads_gradients_of_the_sent_classifier_on_the_global_backbone(x
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   got = base.evaluated(algo, v, state)["params"]["classifier"]["kernel"]
   np.testing.assert_array_equal(np.asarray(got), state["method"]["classifier"]["kernel"])
+
+
+def test_creff_dsa_gradients_are_of_one_whole_batch_augmented_before_the_backbone(x64):
+  """With DSA (strategy "flip": a batch is mirrored whole or not at all) and one repeat over all
+  of a class's examples, each upload is the PyTorch CE gradient on the backbone's features of
+  the class's images, either all mirrored or none; both occur. Mutations caught: DSA left out
+  (never mirrored), per-example draws (a mix matches neither), the flip after the backbone."""
+  algo = creff.create(
+    4, match_steps=1, retrain_epochs=1, batch_size=4, grad_batch=16, grad_repeats=1,
+    dsa_strategy="flip",
+  )  # fmt: skip
+
+  def spy(ctx, model_fn):
+    new_vars, state, m = algo.server_step(ctx, model_fn)
+    return new_vars, state, {**m, "uploads": ctx.uploads["gradients"]}
+
+  trainer, variables, inputs, images = _setup(algo)
+  _, _, m = _run_round(algo._replace(server_step=spy), trainer, variables, inputs)
+  sent = base.init_server_state(algo, variables, 3, jax.random.PRNGKey(2))["method"]["classifier"]
+  up = m["server/uploads"]
+  plain = _real_features(trainer, variables, images)
+  mirrored = _real_features(trainer, variables, images[:, :, :, ::-1])
+  seen = set()
+  for k in range(3):
+    y = LABELS[k, : SIZES[k]]
+    for c in set(y.tolist()):
+      errs = []
+      for feats in (plain[k], mirrored[k]):
+        w, b = _torch_linear_grad(feats[y == c], c, sent["kernel"], sent["bias"])
+        errs.append(max(np.abs(up["kernel"][k, c] - w).max(), np.abs(up["bias"][k, c] - b).max()))
+      assert min(errs) < 1e-10, errs
+      seen.add(int(np.argmin(errs)))
+  assert seen == {0, 1}
 
 
 # ---- end to end ----
@@ -350,6 +383,7 @@ def test_method_runs_end_to_end_on_digits(tmp_path, name, extra):
     ({"fl.algorithm": "ccvr", "fl.ccvr.learning_rate": float("nan")}, "fl.ccvr.learning_rate"),
     ({"fl.algorithm": "creff", "fl.creff.grad_repeats": 0}, "fl.creff.grad_repeats"),
     ({"fl.algorithm": "creff", "fl.creff.match_lr": -1.0}, "fl.creff.match_lr"),
+    ({"fl.algorithm": "creff", "fl.creff.dsa_strategy": "color_blur"}, "fl.creff.dsa_strategy"),
   ],
 )
 def test_bad_method_config_names_the_field(override, message):

@@ -26,7 +26,8 @@ as in the code, where both are 512).
 Deviations: the code feeds CLIP the 224-pixel resize of the *un-augmented* image while the local
 model sees the augmented one (main.py:393-406); we do the same (the logits are precomputed from
 the stored image), at the teacher's input size. Templates: the code's single "a photo of a {}"
-(``templates="default"``; ours ends with a full stop). CReFF's deviations (no DSA) apply.
+(``templates="default"``; ours ends with a full stop). CReFF's DSA of the client gradients'
+images (``config.fl.creff.dsa``) and its deviations apply.
 
 Defaults (``config.fl.clip2fl``) are the code's options.py: alpha 1 (``--alpha``, Eq. 1's
 weight), T 3 (``--T``), contrast_alpha 0.001 (``--contrast_alpha``), tau 0.1 (``--ins_temp``);
@@ -134,7 +135,7 @@ def from_config(fl) -> base.FLAlgorithm:
     c.temperature,
     c.contrast_alpha,
     c.tau,
-    **{f: r[f] for f in creff.INT_FIELDS + ("match_lr", "retrain_lr")},
+    **{f: r[f] for f in creff.INT_FIELDS + ("match_lr", "retrain_lr", "dsa", "dsa_strategy")},
   )
 
 

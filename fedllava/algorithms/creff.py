@@ -23,14 +23,18 @@ linear layer on all the federated features (``retrain_lr``, ``retrain_epochs``, 
 layer is evaluated (``eval_variables``) and is next round's ``theta``; the clients continue
 from the FedAvg model.
 
-Deviations: the code hard-codes 10 classes and 256 features; we use the model's. Its clients
-apply DSA augmentation (``--method DSA``: colour, crop, cutout, flip, scale, rotate;
-options.py:32-41, main.py:209-211) to the real images before the gradient; we compute the
-gradients on the un-augmented images (not implemented).
+With ``dsa`` (the code's ``--method DSA``, options.py:32-41, main.py:209-211) each batch's
+normalised images are augmented by DSA (``fedllava/algorithms/dsa.py``: one strategy of
+``dsa_strategy`` and one draw for the whole batch, fresh per class and repeat) before the
+backbone computes that batch's features; without it the features of the un-augmented images
+are computed once.
+
+Deviations: the code hard-codes 10 classes and 256 features; we use the model's. Its DSA seed
+is the wall clock (``int(time.time() * 1000) % 100000``); ours comes from the client's key.
 
 Defaults (``config.fl.creff``) are the code's: options.py:16-22 (num_of_feature 100,
 lr_feature 0.1, match_epoch 100, lr_net 0.01, crt_epoch 300, batch_real 32, batch 32) and
-the 10 repeats of main.py:205.
+the 10 repeats of main.py:205; DSA on with options.py:33's strategy string.
 
 References:
   shangxinyi/CReFF-FL main.py:40-44 (features, N(0, 1)), 51-95 (``update_feature_syn``:
@@ -47,6 +51,7 @@ import optax
 
 from fedllava import errors
 from fedllava.algorithms import base, classifier
+from fedllava.algorithms import dsa as dsa_lib
 
 EPS = 1e-6  # Gradient_matching_loss.py:54
 
@@ -64,26 +69,39 @@ def class_gradient(clf: dict, features, label, mask):
   return jax.grad(loss)(clf)
 
 
-def client_gradients(features, labels, valid, clf: dict, key, *, batch: int, repeats: int):
+def client_gradients(
+  features, labels, valid, clf: dict, key, *, batch: int, repeats: int, batch_features=None
+):
   """One client's per-class classifier gradients ``{"kernel": [C, F, C], "bias": [C, C]}`` and
   ``has_class [C]``: for each class, ``repeats`` batches of ``min(batch, N_c)`` distinct
-  examples of that class (uniform without replacement), their gradients averaged."""
-  n = features.shape[0]
+  examples of that class (uniform without replacement), their gradients averaged.
+
+  ``features [N, F]`` are the examples' features; or ``features=None`` and
+  ``batch_features(indices [b], key) -> [b, F]`` computes each batch's features afresh (DSA),
+  one batch after another (``lax.map``, so one batch of images is in the model at a time)."""
+  n = labels.shape[0]
   num_classes = clf["kernel"].shape[1]
   b = min(batch, n)
-  dtype = features.dtype
+  dtype = clf["kernel"].dtype if features is None else features.dtype
 
   def one(c, k):
     member = (labels == c) & (valid > 0)
     order = jnp.argsort(jnp.where(member, jax.random.uniform(k, (n,)), 2.0))[:b]
     mask = (jnp.arange(b) < jnp.sum(member)).astype(dtype)
+    if features is None:
+      return class_gradient(clf, batch_features(order, jax.random.fold_in(k, 1)), c, mask)
     return class_gradient(clf, features[order], c, mask)
 
   keys = jax.random.split(key, num_classes * repeats)
-  keys = keys.reshape((num_classes, repeats) + keys.shape[1:])
-  per_class = jax.vmap(lambda c, ks: jax.vmap(lambda k: one(c, k))(ks))(
-    jnp.arange(num_classes), keys
-  )
+  if features is None:
+    classes = jnp.repeat(jnp.arange(num_classes), repeats)
+    flat = jax.lax.map(lambda a: one(*a), (classes, keys))
+    per_class = jax.tree.map(lambda g: g.reshape((num_classes, repeats) + g.shape[1:]), flat)
+  else:
+    keys = keys.reshape((num_classes, repeats) + keys.shape[1:])
+    per_class = jax.vmap(lambda c, ks: jax.vmap(lambda k: one(c, k))(ks))(
+      jnp.arange(num_classes), keys
+    )
   grads = jax.tree.map(lambda g: jnp.mean(g, axis=1), per_class)
   member = jax.nn.one_hot(labels, num_classes, dtype=dtype) * valid[:, None].astype(dtype)
   has = (jnp.sum(member, axis=0) > 0).astype(dtype)
@@ -149,10 +167,14 @@ def create(
   batch_size: int = 32,
   grad_batch: int = 32,
   grad_repeats: int = 10,
+  dsa: bool = True,
+  dsa_strategy: str = dsa_lib.STRATEGY,
   matcher=None,
 ) -> base.FLAlgorithm:
   """CReFF; ``matcher(features, classifier, targets, has, ctx) -> (features, loss)`` replaces
-  the feature update (default ``match_features``; CLIP2FL adds a term)."""
+  the feature update (default ``match_features``; CLIP2FL adds a term). ``dsa``: DSA of the
+  client gradients' images (``dsa_strategy``)."""
+  dsa_lib.parse(dsa_strategy)
   if matcher is None:
 
     def matcher(feats, clf, targets, has, ctx):
@@ -165,6 +187,20 @@ def create(
 
   def client_upload(model_fn, global_variables, local_variables, data, message):
     del local_variables
+    if dsa:
+      images = data.images
+
+      def batch_features(order, key):
+        aug = lambda x: dsa_lib.augment(x, key, dsa_strategy)  # noqa: E731
+        return model_fn(global_variables, images[order], transform=aug)["features"]
+
+      shape = jax.eval_shape(lambda: model_fn(global_variables, images[:1]))["features"]
+      clf = jax.tree.map(lambda x: x.astype(shape.dtype), message)
+      grads = client_gradients(
+        None, data.labels, data.valid, clf, data.key, batch=grad_batch, repeats=grad_repeats,
+        batch_features=batch_features,
+      )  # fmt: skip
+      return {"gradients": grads}
     feats = model_fn(global_variables, data.images)["features"]
     clf = jax.tree.map(lambda x: x.astype(feats.dtype), message)
     grads = client_gradients(
@@ -238,6 +274,8 @@ def from_config(fl) -> base.FLAlgorithm:
     c.batch_size,
     c.grad_batch,
     c.grad_repeats,
+    c.dsa,
+    c.dsa_strategy,
   )
 
 
@@ -249,3 +287,9 @@ def validate(fl) -> None:
   for field in ("match_lr", "retrain_lr"):
     if not (c[field] > 0 and math.isfinite(c[field])):
       raise errors.ConfigError(f"config.fl.creff.{field}={c[field]} must be a finite number > 0.")
+  if not isinstance(c.dsa, bool):
+    raise errors.ConfigError(f"config.fl.creff.dsa={c.dsa!r} must be True or False.")
+  try:
+    dsa_lib.parse(c.dsa_strategy if isinstance(c.dsa_strategy, str) else "")
+  except ValueError as e:
+    raise errors.ConfigError(f"config.fl.creff.dsa_strategy: {e}") from None

@@ -98,9 +98,11 @@ def create_model_fn(model, mean, std, chunk: int = 256) -> Callable:
   ``chunk`` images at a time (a fixed shape, so a client's whole data set fits in memory under
   vmap); each output gets the leading axis of ``images``. ``model_fn(variables, images,
   train=True) -> (outputs, new batch_stats)``: one batch in training mode (BN batch statistics,
-  running statistics updated), for a server step that trains (FedDF, FedBE)."""
+  running statistics updated), for a server step that trains (FedDF, FedBE). ``transform``: a
+  function of the normalised images ``[n, H, W, C]`` applied before the model, chunk by chunk
+  (it must act on each example alone given its fixed draws, as CReFF's DSA with one key)."""
 
-  def model_fn(variables, images, train=False):
+  def model_fn(variables, images, train=False, transform=None):
     if train:  # one batch in training mode: (outputs, new batch_stats)
       x = normalize(images, mean, std, _float_dtype(variables["params"]))
       out, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -112,7 +114,8 @@ def create_model_fn(model, mean, std, chunk: int = 256) -> Callable:
     padded = jnp.concatenate([images, jnp.zeros((steps * c - n,) + images.shape[1:], images.dtype)])
 
     def one(x):
-      return model.apply(variables, normalize(x, mean, std, dtype), train=False)
+      x = normalize(x, mean, std, dtype)
+      return model.apply(variables, x if transform is None else transform(x), train=False)
 
     out = jax.lax.map(one, padded.reshape((steps, c) + images.shape[1:]))
     return jax.tree.map(lambda y: y.reshape((steps * c,) + y.shape[2:])[:n], out)
