@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from fedllava import align, checkpoint, errors, federate, fileio, provenance, report, sharding
 from fedllava.data import federated
+from fedllava.federate import multirun
 from fedllava.models import resnet
 from fedllava.pretrain import annotate
 from fedllava.pretrain import train as pretrain
@@ -110,6 +111,17 @@ def _has_progress(workdir: str) -> bool:
     for d in stage_dirs
     if os.path.isdir(d)
   )
+
+
+MultiRunError = multirun.MultiRunError
+
+
+def run_many(configs, workdirs, **kwargs):
+  """Several pipelines that differ only in ``seed``, their stage-2 rounds in lockstep as one
+  program (``federate/multirun.py``; the sweep's ``--runs_together``). ``kwargs``: ``runner``
+  (default ``loop.run``; the sweep passes ``main.run``), ``return_exceptions``. Here, in the one
+  module that chains the stages, so shared code (``sweep.py``) never imports a stage room."""
+  return multirun.run_many(configs, workdirs, **kwargs)
 
 
 def run(config, workdir: str, load_teacher=None, make_round_fn=None) -> dict:

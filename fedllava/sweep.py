@@ -40,7 +40,6 @@ from absl import app, flags
 
 from fedllava import algorithms, errors, fileio, main, paper_tables, report
 from fedllava.evaluate import GROUPS
-from fedllava.federate import multirun
 
 _METHODS = flags.DEFINE_list("methods", ["fedavg"], "FL methods, one row each (registry names).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds: config.seed = 0 .. seeds-1.")
@@ -256,7 +255,7 @@ def _run_together(config, rows, seeds, workdir) -> dict:
         walls[run_dir] = time.time() - t0
         return out
 
-      outs = multirun.run_many(
+      outs = main.run_many(
         [t[2] for t in todo], [t[1] for t in todo], runner=runner, return_exceptions=True
       )
       failed = []
@@ -276,7 +275,7 @@ def _run_together(config, rows, seeds, workdir) -> dict:
       raise (
         failed[0]
         if len(failed) == 1
-        else multirun.MultiRunError(
+        else main.MultiRunError(
           {t[1]: o for t, o in zip(todo, outs) if isinstance(o, BaseException)}
         )
       )
