@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs main like `python -m fedllava.main`, with stage 'federate' replaced by STOP.
 _DRIVER = """
-import os, signal, sys, types
+import os, signal, sys, time, types
 import jax
 from absl import app, flags
 from fedllava import main
@@ -19,6 +19,7 @@ STOP = sys.argv.pop(1)
 def stop(config, workdir, init=None, **kwargs):
   if STOP == "sigint":
     os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)  # the handler raises KeyboardInterrupt here (at once, even on a loaded machine)
   raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
 main.STAGES["federate"] = types.SimpleNamespace(run=stop)
 flags.mark_flags_as_required(["config"])
