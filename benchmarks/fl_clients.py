@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -49,6 +48,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+
+import fl_round  # noqa: E402  (peak memory sampler, atomic JSON write)
 
 PRESETS = {
   "cpu": dict(
@@ -111,32 +112,6 @@ def make_dataset(name: str, clients: int, p: dict, seed: int = 0) -> dict:
   n_max = int(sizes.max())
   idx = np.stack([np.concatenate([q, np.full(n_max - len(q), q[0])]) for q in parts])
   return dict(images=pool[pool_of[idx]], labels=labels[idx].astype(np.int32), sizes=sizes)
-
-
-class PeakRSS:
-  """This process's peak resident memory while a block runs (sampled every 5 ms)."""
-
-  def __init__(self):
-    import threading  # pylint: disable=g-import-not-at-top
-
-    import psutil  # pylint: disable=g-import-not-at-top
-
-    self.proc, self.peak, self._threading = psutil.Process(), 0, threading
-
-  def __enter__(self):
-    self.peak = self.proc.memory_info().rss
-    self._stop = self._threading.Event()
-    self._t = self._threading.Thread(target=self._loop, daemon=True)
-    self._t.start()
-    return self
-
-  def _loop(self):
-    while not self._stop.wait(0.005):
-      self.peak = max(self.peak, self.proc.memory_info().rss)
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._t.join()
 
 
 def chunk_iterations(steps: np.ndarray, g: int) -> int:
@@ -205,7 +180,7 @@ def run_point(data: dict, m: int, strategy: str, group: str, p: dict, repeats: i
   g = 0 if group == "auto" else (1 if group == "-" else int(group))
   fn = rounds.create_round_fn(trainer, algo, mesh, strategy, g if strategy == "chunked" else 1)
   state = algo.server_optimizer.init(variables["params"])
-  rss = PeakRSS() if jax.devices()[0].platform == "cpu" else None
+  rss = fl_round.PeakRSS() if jax.devices()[0].platform == "cpu" else None
 
   def one(r):
     inputs, examples, host_s = inputs_for(r)
@@ -342,7 +317,7 @@ def main(argv=None) -> dict:
             f"peak={((r['peak_memory_bytes'] or 0) / 2**20):.0f}MiB host={r['host_s']:.3f}s",
             flush=True,
           )
-          _save(res, out)
+          fl_round._save(res, out)
     del data
   for entry in res["datasets"].values():  # the issue's criterion, per data set and strategy
     by = {}
@@ -354,7 +329,7 @@ def main(argv=None) -> dict:
       if len(v) > 1
     }
   res["load_average_end"] = list(os.getloadavg())
-  _save(res, out)
+  fl_round._save(res, out)
   if not a.no_plot:
     plot(res, out[: -len(".json")] + ".png")
   print("wrote", out)
@@ -393,13 +368,6 @@ def plot(res: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def _save(results: dict, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1, default=str)
-  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
