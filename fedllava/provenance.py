@@ -30,7 +30,7 @@ from typing import Optional
 import jax
 from flax import traverse_util
 
-from fedllava import checkpoint, fileio
+from fedllava import algorithms, checkpoint, fileio
 from fedllava.data import federated
 from fedllava.stage import StageResult
 
@@ -96,7 +96,11 @@ def fields(config, stage: str) -> dict:
   base = stage.split("_plain")[0]  # federate_plain: stage 2 without the per-round alignment
   skip = NOT_IN_KEY + _OF_ANOTHER_STAGE.get(base, ())
   out = {k: v for k, v in flat.items() if _matches(k, DEPENDS_ON[base]) and not _matches(k, skip)}
-  if base == "federate":
+  if base == "federate":  # another method's hyperparameters are not this run's
+    name = config.fl.algorithm
+    mine = algorithms.config_sections(name) if name in algorithms.METHODS else ()
+    others = [f"fl.{s}." for s in algorithms.method_sections() if s not in mine]
+    out = {k: v for k, v in out.items() if not _matches(k, others)}
     stages = [s for s in config.stages.split(",") if s]
     out["derived.holdout_per_class"] = holdout_per_class(config)
     if stage == "federate" and "align" in stages and config.align.when == "every_round":

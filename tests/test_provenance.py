@@ -52,6 +52,30 @@ def test_a_later_stages_field_never_reaches_an_earlier_stages_key():
       assert provenance.fields(tiny_digits(2), stage) == provenance.fields(changed, stage)
 
 
+def test_another_methods_hyperparameters_never_reach_stage_2s_key():
+  """A run keys only its own method's ``config.fl.<section>``: adding or changing CReFF's DSA
+  field must not redo a finished FedAvg or CCVR run (it did: every method was redone when
+  ``fl.creff.dsa`` was added). CLIP2FL reads ``fl.creff`` too, FedYogi reads ``fl.fedadam``.
+  Catches: the filter left out (the first assertion fails), or a method's own section dropped."""
+  change = {"fl.creff.dsa": False}
+  for algo in ("fedavg", "ccvr", "fedbe"):
+    a, b = (
+      tiny_digits(2, **{"fl.algorithm": algo}),
+      tiny_digits(2, **{"fl.algorithm": algo}, **change),
+    )
+    assert provenance.fields(a, "federate") == provenance.fields(b, "federate"), algo
+  for algo, field, value in [
+    ("creff", "fl.creff.dsa", False),
+    ("clip2fl", "fl.creff.dsa", False),
+    ("fedyogi", "fl.fedadam.learning_rate", 0.5),
+    ("ccvr", "fl.ccvr.num_virtual", 7),
+    ("fedavg", "fl.dp.enabled", True),  # not a method's section: every method reads it
+  ]:
+    a = tiny_digits(2, **{"fl.algorithm": algo})
+    b = tiny_digits(2, **{"fl.algorithm": algo, field: value})
+    assert provenance.fields(a, "federate") != provenance.fields(b, "federate"), (algo, field)
+
+
 def test_every_round_alignment_is_part_of_stage_2s_key_and_the_holdout_too():
   every = {"align.when": "every_round"}
   a = tiny_digits(2, **every)

@@ -45,6 +45,18 @@ METHODS = {
 ALGORITHMS = tuple(METHODS)
 
 
+def config_sections(name: str) -> tuple[str, ...]:
+  """The ``config.fl.<section>`` blocks method ``name`` reads: its module's ``CONFIG_SECTIONS``,
+  by default the module's own name (``fedyogi`` is the ``fedadam`` module: ``fl.fedadam``)."""
+  module = METHODS[name]
+  return tuple(getattr(module, "CONFIG_SECTIONS", (module.__name__.rsplit(".", 1)[-1],)))
+
+
+def method_sections() -> frozenset:
+  """Every ``config.fl.<section>`` block that belongs to some method."""
+  return frozenset(s for name in METHODS for s in config_sections(name))
+
+
 def create(fl_config) -> FLAlgorithm:
   """Builds the method named by ``fl_config.algorithm`` from its hyperparameters."""
   name = fl_config.algorithm
@@ -60,4 +72,13 @@ def create(fl_config) -> FLAlgorithm:
   return privacy.apply(module.from_config(fl_config), fl_config)
 
 
-__all__ = ["ALGORITHMS", "METHODS", "FLAlgorithm", "base", "create", "server_update"]
+__all__ = [
+  "ALGORITHMS",
+  "METHODS",
+  "config_sections",
+  "method_sections",
+  "FLAlgorithm",
+  "base",
+  "create",
+  "server_update",
+]

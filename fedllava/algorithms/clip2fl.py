@@ -40,6 +40,10 @@ References:
   540-543 (round order); losses.py:98-144 (``SupConLoss_text``); options.py:44-55.
 """
 
+# config.fl sections this method reads (algorithms.config_sections): its own and CReFF's.
+CONFIG_SECTIONS = ("clip2fl", "creff")
+
+
 import math
 
 import jax
