@@ -72,13 +72,8 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
     if strategy == "vmap":
       return jax.vmap(f)(*xs)
     if strategy == "map":  # one client at a time, each running only its own active steps
-
-      def one(a):
-        im, lb, pl, k, n, sd = a
-        trips = jnp.sum(pl.active.astype(jnp.int32))
-        return train(variables, im, lb, pl, k, message, n, sd, num_iters=trips)
-
-      return jax.lax.map(one, xs)
+      one = _own_active_steps(train)
+      return jax.lax.map(lambda a: one(variables, message, *a), xs)
     if strategy == "chunked":
       return _chunked(train, variables, message, xs, group_size)
     n = images.shape[0]
@@ -94,17 +89,25 @@ def _run_clients(train: Callable, strategy: str, group_size: int) -> Callable:
   return per_client
 
 
+def _own_active_steps(train: Callable) -> Callable:
+  """One client's local training over its own active steps only (``map``'s per-client call)."""
+
+  def one(variables, message, images, labels, plan, key, size, side):
+    trips = jnp.sum(plan.active.astype(jnp.int32))
+    return train(variables, images, labels, plan, key, message, size, side, num_iters=trips)
+
+  return one
+
+
 def _run_clients_per_client(train: Callable) -> Callable:
   """``map`` over clients that each bring their own global model and message (several runs
   flattened into one client axis: ``_flat_runs_round``)."""
 
   def per_client(variables, message, images, labels, plan, keys, sizes, side):
-    def one(a):
-      v, msg, im, lb, pl, k, n, sd = a
-      trips = jnp.sum(pl.active.astype(jnp.int32))
-      return train(v, im, lb, pl, k, msg, n, sd, num_iters=trips)
-
-    return jax.lax.map(one, (variables, message, images, labels, plan, keys, sizes, side))
+    one = _own_active_steps(train)
+    return jax.lax.map(
+      lambda a: one(*a), (variables, message, images, labels, plan, keys, sizes, side)
+    )
 
   return per_client
 
@@ -519,12 +522,13 @@ def create_multirun_round_fn(
   strategy: str = "vmap",
   group_size: int = 1,
 ) -> Callable:
-  """R independent runs' rounds as one jitted computation: ``create_round_fn``'s round,
-  ``jax.vmap``-ed over a leading run axis of every argument (variables, server state, inputs,
-  server inputs), returning every output with that axis (``metrics["finite"]`` is ``[R]``).
+  """R independent runs' rounds as one jitted computation, every argument (variables, server
+  state, inputs, server inputs) and output with a leading run axis (``metrics["finite"]`` is
+  ``[R]``): with ``map`` the runs' clients flattened into one client axis
+  (``_flat_runs_round``), otherwise ``create_round_fn``'s round ``jax.vmap``-ed over runs.
 
-  Runs never mix: each lane aggregates its own clients (the vmap adds no reduction over runs),
-  and a lane holding NaNs leaves the others untouched. The client axis (second) stays sharded
+  Runs never mix: each run aggregates its own clients (no reduction over runs), and a run
+  holding NaNs leaves the others untouched. The client axis (second) stays sharded
   over the mesh, so every device trains its share of every run's clients. The caller stacks
   runs whose inputs have the same shapes (``multirun.py`` pads the client stores).
   """
