@@ -204,18 +204,15 @@ def make_data(s: dict, seed: int = 0) -> dict:
 # fedllava (JAX)
 
 
-def _jax_contender(spec: str, s: dict, d: dict, mesh_devices: int) -> tuple[Callable, dict]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp
-  import ml_collections
+def fedavg_trainer(s: dict, conv: str, dt: str):
+  """The benchmarks' ResNet-8 (preset ``s``'s width, ``conv`` lowering, ``dt`` = fp32 | bf16
+  compute), FedAvg and CReFF's local trainer (SGD 0.1, crop + flip): ``(model, algo, trainer)``."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from fedllava import algorithms, sharding
-  from fedllava.federate import client, rounds
-  from fedllava.models import resnet
+  from fedllava import algorithms  # pylint: disable=g-import-not-at-top
+  from fedllava.federate import client  # pylint: disable=g-import-not-at-top
+  from fedllava.models import resnet  # pylint: disable=g-import-not-at-top
 
-  strat_conv, dt = spec[len("jax:") :].rsplit(":", 1)  # "group:4@xla", "bf16"
-  strat_name, conv = strat_conv.split("@")
-  strat, _, g = strat_name.partition(":")
   cfg = ml_collections.ConfigDict(
     dict(
       name="resnet8",
@@ -229,9 +226,6 @@ def _jax_contender(spec: str, s: dict, d: dict, mesh_devices: int) -> tuple[Call
   )
   resnet.validate(cfg)
   model = resnet.create_model(cfg, 10)
-  variables = resnet.create_model(cfg, 10).init(
-    jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3))
-  )
   algo = algorithms.fedavg.create()
   trainer = client.create_local_trainer(
     model,
@@ -243,6 +237,21 @@ def _jax_contender(spec: str, s: dict, d: dict, mesh_devices: int) -> tuple[Call
     flip=True,
     per_batch_augment=False,
   )
+  return model, algo, trainer
+
+
+def _jax_contender(spec: str, s: dict, d: dict, mesh_devices: int) -> tuple[Callable, dict]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+
+  from fedllava import sharding
+  from fedllava.federate import rounds
+
+  strat_conv, dt = spec[len("jax:") :].rsplit(":", 1)  # "group:4@xla", "bf16"
+  strat_name, conv = strat_conv.split("@")
+  strat, _, g = strat_name.partition(":")
+  model, algo, trainer = fedavg_trainer(s, conv, dt)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
   mesh = sharding.create_client_mesh(mesh_devices or None)
   pad_to = sharding.pad_to_multiple(s["per_round"], mesh)
   inputs, ids = rounds.build_round_inputs(

@@ -39,38 +39,13 @@ def _build(s: dict, runs: int, strategy: str, conv: str, dtype: str, devices: in
   """``(run() -> loss, seeds)``: R seeds' first rounds, stacked, on the multi-run round."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  import ml_collections
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from fedllava import algorithms, sharding
-  from fedllava.federate import client, rounds
-  from fedllava.models import resnet
+  from fedllava import sharding
+  from fedllava.federate import rounds
 
-  cfg = ml_collections.ConfigDict(
-    dict(
-      name="resnet8",
-      width=s["width"],
-      conv_impl=conv,
-      dtype="float32",
-      compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
-      mlp_dim=None,
-      head_on_mlp=False,
-    )
-  )
-  resnet.validate(cfg)
-  model = resnet.create_model(cfg, 10)
-  algo = algorithms.fedavg.create()
-  trainer = client.create_local_trainer(
-    model,
-    algo,
-    learning_rate=0.1,
-    mean=fl_round.MEAN,
-    std=fl_round.STD,
-    crop_padding=s["crop"],
-    flip=True,
-    per_batch_augment=False,
-  )
+  model, algo, trainer = fl_round.fedavg_trainer(s, conv, dtype)
   mesh = sharding.create_client_mesh(devices or None)
   pad_to = sharding.pad_to_multiple(s["per_round"], mesh)
   seeds = list(range(runs))
