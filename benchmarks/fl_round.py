@@ -12,7 +12,8 @@ horizontal flip, FedAvg weighted by client size.
 Contenders (``--contenders``, a comma list; the preset picks a default):
 
 * ``jax:STRATEGY@CONV:DTYPE``: fedllava's jitted sharded round (``fedllava/federate/rounds.py``),
-  STRATEGY = vmap | map | group:G, CONV = xla | im2col | shift | eigen (``config.model.conv_impl``),
+  STRATEGY = vmap | map | group:G, CONV = xla | im2col | shift | eigen (``config.model.conv_impl``)
+  with an optional ``+dot`` (``config.model.bn_impl``; default ``reduce``),
   DTYPE = fp32 | bf16 (``config.model.compute_dtype``: bf16 compute, fp32 master weights);
 * ``torch:creff``: CReFF's own loop in PyTorch (``torch_reference.creff_round``);
 * ``torch:fast:DTYPE`` / ``torch:compile:DTYPE``: the best honest PyTorch
@@ -76,6 +77,7 @@ DEFAULT_CONTENDERS = {
   # (on a shared 2-core machine 1 thread wins), `auto` (map@eigen:fp32) first.
   "cpu_small": [
     "jax:map@eigen:fp32",
+    "jax:map@eigen+dot:fp32",
     "jax:map@eigen:bf16",
     "jax:vmap@eigen:fp32",
     "jax:map@shift:fp32",
@@ -204,9 +206,10 @@ def make_data(s: dict, seed: int = 0) -> dict:
 # fedllava (JAX)
 
 
-def fedavg_trainer(s: dict, conv: str, dt: str):
+def fedavg_trainer(s: dict, conv: str, dt: str, bn: str = "reduce"):
   """The benchmarks' ResNet-8 (preset ``s``'s width, ``conv`` lowering, ``dt`` = fp32 | bf16
-  compute), FedAvg and CReFF's local trainer (SGD 0.1, crop + flip): ``(model, algo, trainer)``."""
+  compute, ``bn`` = BN statistics), FedAvg and CReFF's local trainer (SGD 0.1, crop + flip):
+  ``(model, algo, trainer)``."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from fedllava import algorithms  # pylint: disable=g-import-not-at-top
@@ -218,6 +221,7 @@ def fedavg_trainer(s: dict, conv: str, dt: str):
       name="resnet8",
       width=s["width"],
       conv_impl=conv,
+      bn_impl=bn,
       dtype="float32",
       compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dt],
       mlp_dim=None,
@@ -250,7 +254,8 @@ def _jax_contender(spec: str, s: dict, d: dict, mesh_devices: int) -> tuple[Call
   strat_conv, dt = spec[len("jax:") :].rsplit(":", 1)  # "group:4@xla", "bf16"
   strat_name, conv = strat_conv.split("@")
   strat, _, g = strat_name.partition(":")
-  model, algo, trainer = fedavg_trainer(s, conv, dt)
+  conv, _, bn = conv.partition("+")  # "eigen+reduce"
+  model, algo, trainer = fedavg_trainer(s, conv, dt, bn or "reduce")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
   mesh = sharding.create_client_mesh(mesh_devices or None)
   pad_to = sharding.pad_to_multiple(s["per_round"], mesh)

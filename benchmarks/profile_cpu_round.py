@@ -3,6 +3,8 @@
   python benchmarks/profile_cpu_round.py                 # cpu_small shapes, every piece
   python benchmarks/profile_cpu_round.py --pieces=full@shift:fp32,fwdbwd@shift:fp32
 
+``KIND@CONV:DTYPE:BN`` also names the BN statistics (``model.bn_impl``, default ``reduce``).
+
 Each piece is one jitted ``lax.scan`` over the local steps of one client of
 ``fl_round.py --preset=cpu_small`` (621 images, 20 steps of batch 32, ResNet-8 width 16),
 compiled first, then timed interleaved with the others (``--repeats`` rounds, medians), so a
@@ -15,6 +17,10 @@ shared machine's load hits all alike. Pieces (``KIND@CONV:DTYPE``):
 * ``nobn``: ``fwdbwd`` with BN replaced by the identity (what the convolutions cost);
 * ``input``: the gather ``images[idx]``, normalisation and crop + flip alone;
 * ``select``: the masked carry ``jnp.where(active, new, old)`` over the whole carry alone.
+
+``--trace=PIECE`` then runs that piece under ``jax.profiler.trace`` and adds up XLA:CPU's
+per-instruction events: ms per step per HLO instruction (with the JAX op it came from) and per
+category (forward / backward, conv / BN, Eigen convolution or YNNPACK fusion, transpose, other).
 
 Output: a table of ms per step and the share of ``full``, and JSON (``--out``).
 """
@@ -58,6 +64,11 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--width", type=int, default=16)
   p.add_argument("--out", default="")
+  p.add_argument(
+    "--trace",
+    default="",
+    help="a piece (e.g. full@eigen:fp32) to trace op by op with jax.profiler after the timing",
+  )
   a = p.parse_args(argv)
 
   import fl_round
@@ -84,12 +95,13 @@ def main(argv=None):
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(steps))
   algo = algorithms.fedavg.create()
 
-  def model_for(conv, dt):
+  def model_for(conv, dt, bn="reduce"):
     cfg = ml_collections.ConfigDict(
       dict(
         name="resnet8",
         width=a.width,
         conv_impl=conv,
+        bn_impl=bn,
         dtype="float32",
         compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dt],
         mlp_dim=None,
@@ -108,7 +120,7 @@ def main(argv=None):
 
   def build(piece):
     kind, rest = piece.split("@")
-    conv, dt = rest.split(":")
+    conv, dt, *bn = rest.split(":")
     if kind == "input":
 
       def body(c, xs):
@@ -118,7 +130,7 @@ def main(argv=None):
 
       f = jax.jit(lambda: jax.lax.scan(body, 0.0, (plan.idx, keys))[0])
       return lambda: f()
-    model = model_for(conv, dt)
+    model = model_for(conv, dt, *bn)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
     if kind == "full":
       tr = client.create_local_trainer(
@@ -132,6 +144,7 @@ def main(argv=None):
         per_batch_augment=False,
       )
       f = jax.jit(lambda v: tr.train(v, images, labels, plan, key)[0])
+      jitted[piece] = (f, variables)
       return lambda: f(variables)
     if kind == "select":
 
@@ -182,9 +195,11 @@ def main(argv=None):
       return run(v)
 
     f = jax.jit(wrapped)
+    jitted[piece] = (f, variables)
     return lambda: f(variables)
 
   pieces = [x for x in a.pieces.split(",") if x]
+  jitted = {}
   fns, compile_s = {}, {}
   for pc in pieces:
     t0 = time.perf_counter()
@@ -213,10 +228,85 @@ def main(argv=None):
     times_s=times,
     compile_s=compile_s,
   )
+  if a.trace:
+    f, v = jitted[a.trace]
+    res["trace"] = dict(piece=a.trace, **trace_ops(f, v, steps))
+    print(f"\n{a.trace}, op by op (ms per local step):")
+    for k, ms in res["trace"]["by_category"].items():
+      print(f"  {ms:7.2f}  {k}")
+    for row in res["trace"]["top_ops"][:25]:
+      print(f"  {row['ms_per_step']:7.2f}  {row['op']:28s} {row['source']}")
   if a.out:
     with open(a.out, "w") as f:
       json.dump(res, f, indent=1)
   return res
+
+
+def _hlo_sources(hlo_text: str) -> dict:
+  """HLO instruction name -> the JAX op it came from (``op_name`` metadata, ``jit(...)/`` cut)."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for m in re.finditer(r"^\s+%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+    out[m.group(1)] = m.group(2).split("/while/body/", 1)[-1]
+  return out
+
+
+def _category(op: str, source: str) -> str:
+  """``forward|backward conv|bn|other: <HLO kind>`` for one traced instruction."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  phase = "backward" if "transpose(jvp(" in source else "forward" if "jvp(" in source else "other"
+  m = re.search(r"/((?:downsample_)?conv\d*|(?:downsample_)?bn\d*|classifier)/", source + "/")
+  layer = "" if not m else "conv" if "conv" in m.group(1) else "bn" if "bn" in m.group(1) else "fc"
+  kind = re.sub(r"[._]?\d+$", "", op)
+  kind = {"conv_general_dilated": "convolution (Eigen)", "ynn_fusion": "YNNPACK fusion"}.get(
+    kind, "transpose" if kind.startswith("transpose") else "elementwise / reduction"
+  )
+  return f"{phase} {layer or 'other'}: {kind}"
+
+
+def trace_ops(f, v, steps: int, repeats: int = 3) -> dict:
+  """Runs ``f(v)`` ``repeats`` times under ``jax.profiler.trace`` and adds up XLA:CPU's per-thunk
+  events by HLO instruction: ms per local step per op (with the JAX op each came from) and per
+  category (forward / backward x conv / BN x Eigen convolution, YNNPACK fusion, transpose,
+  other fusions)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob
+  import gzip
+  import tempfile
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  sources = _hlo_sources(f.lower(v).compile().as_text())
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(repeats):
+        jax.block_until_ready(f(v))
+    (path,) = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as fh:
+      events = json.load(fh)["traceEvents"]
+  per_op = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    # A while/conditional/call event spans the instructions inside it: counted there.
+    if (
+      e.get("ph") == "X"
+      and name in sources
+      and not name.startswith(("while", "conditional", "call"))
+    ):
+      per_op[e["name"]] += e["dur"] / 1e3 / (repeats * steps)  # us -> ms per step
+  by_cat = collections.Counter()
+  for op, ms in per_op.items():
+    by_cat[_category(op, sources[op])] += ms
+  return dict(
+    traced_ms_per_step=sum(per_op.values()),
+    by_category=dict(sorted(by_cat.items(), key=lambda x: -x[1])),
+    top_ops=[
+      dict(op=op, ms_per_step=ms, source=sources[op], category=_category(op, sources[op]))
+      for op, ms in per_op.most_common()
+    ],
+  )
 
 
 if __name__ == "__main__":

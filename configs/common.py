@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   # picks what the benchmarks measured faster (benchmarks/README.md): eigen on CPU (1.7x over
   # shift, which was 1.9x over im2col), xla on an H200 (5.1 s/round vs 8.7 with im2col).
   c.model.conv_impl = "auto"
+  # How BN sums its batch statistics: "reduce" (XLA reductions) or "dot" (contractions with the
+  # example mask, precision HIGHEST): same values up to rounding. "dot" was ~3% faster a local
+  # step on CPU (benchmarks/README.md): too little to change the default's float32 rounding.
+  c.model.bn_impl = "reduce"
 
   c.fl = ml_collections.ConfigDict()
   c.fl.algorithm = "fedavg"

@@ -1,10 +1,29 @@
 """Test set-up: 8 simulated CPU devices so sharding is exercised everywhere; shared fixtures."""
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the whole session, in a fresh temporary directory, and
+# inherited by the CLI / kill-and-resume subprocesses: a killed run's resume, a sweep's second
+# seed and a test's second strategy compile programs an earlier test already compiled (CI's
+# time budget). Results are the same executables; only XLA's compile is skipped. Under
+# pytest-xdist each worker has its own sub-directory (no two processes write one cache).
+if "FEDLLAVA_TEST_JAX_CACHE" not in os.environ:
+  os.environ["FEDLLAVA_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="fedllava-tests-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["FEDLLAVA_TEST_JAX_CACHE"], True)
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(
+    os.environ["FEDLLAVA_TEST_JAX_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main")
+  ),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")

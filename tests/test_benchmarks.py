@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -101,3 +103,57 @@ def test_fl_runs_ci_preset(tmp_path):
   assert len(saved["s_per_round"]) == len(saved["s_per_run_per_round"]) == 2
   for r, t, tr in zip(saved["runs"], saved["s_per_round"], saved["s_per_run_per_round"]):
     assert t > 0 and abs(tr - t / r) < 1e-12
+
+
+def test_profile_trace_attributes_ops_to_their_jax_source():
+  """``profile_cpu_round.trace_ops`` reads jax.profiler's per-instruction events back to the JAX
+  op and layer each came from: a scan of a jvp-transposed convolution shows a backward conv."""
+  import jax
+  import jax.numpy as jnp
+  import profile_cpu_round  # pylint: disable=g-import-not-at-top
+
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.sum(jnp.sin(y))
+
+  def body(w, x):
+    return w - 0.1 * jax.grad(loss)(w, x), None
+
+  f = jax.jit(lambda w: jax.lax.scan(body, w, jnp.ones((3, 2, 8, 8, 4)))[0])
+  w = jnp.ones((3, 3, 4, 4)) * 0.01
+  jax.block_until_ready(f(w))
+  res = profile_cpu_round.trace_ops(f, w, steps=3, repeats=2)
+  assert res["traced_ms_per_step"] > 0
+  sources = " ".join(r["source"] for r in res["top_ops"])
+  assert "transpose(jvp(" in sources and "conv_general_dilated" in sources
+  assert sum(res["by_category"].values()) == pytest.approx(res["traced_ms_per_step"])
+  assert not any(r["op"].startswith("while") for r in res["top_ops"])  # spans its body: not added
+  assert (
+    profile_cpu_round._category(
+      "ynn_fusion.3", "closed_call/transpose(jvp(ResNet))/layer3_0/conv1/conv_general_dilated"
+    )
+    == "backward conv: YNNPACK fusion"
+  )
+  assert (
+    profile_cpu_round._category("add_rsqrt_fusion.2", "closed_call/jvp(ResNet)/layer1_0/bn2/rsqrt")
+    == "forward bn: elementwise / reduction"
+  )
+
+
+def test_conv_cpu_runs_and_reports_every_shape(tmp_path):
+  import conv_cpu  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "conv.json"
+  res = conv_cpu.main(["--steps=1", "--repeats=1", "--batch=2", f"--out={out}"])
+  assert json.load(open(out))["ms_per_step"] == res["ms_per_step"]
+  assert len(res["ms_per_step"]) == len(conv_cpu.SHAPES)
+  for v in res["ms_per_step"].values():
+    assert set(v) == {
+      "jax_forward",
+      "jax_forward_backward",
+      "torch_forward",
+      "torch_forward_backward",
+    }
+    assert all(t > 0 for t in v.values())

@@ -166,6 +166,7 @@ def test_host_placement_equals_device_placement_and_resume_guard(tmp_path):
     ({"stages": "federate,distill"}, "stages"),
     ({"model.name": "vgg11"}, "model.name"),
     ({"model.conv_impl": "winograd"}, "conv_impl"),
+    ({"model.bn_impl": "welford"}, "bn_impl"),
     ({"eval.every": 0}, "eval.every"),
     ({"eval.batch_size": 0}, "eval.batch_size"),
     ({"fl.group_size": -1}, "fl.group_size"),

@@ -88,13 +88,15 @@ def _copy_into_torch(tm, params, stats):
   tm.fc.bias.data = _t(params["classifier"]["bias"])
 
 
-def _flax_model(conv_impl="xla"):
-  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=WIDTH, conv_impl=conv_impl))
+def _flax_model(conv_impl="xla", bn_impl="reduce"):
+  cfg = ml_collections.ConfigDict(
+    dict(name="resnet8", width=WIDTH, conv_impl=conv_impl, bn_impl=bn_impl)
+  )
   return resnet.create_model(cfg, CLASSES)
 
 
-def _setup(conv_impl="xla"):
-  model = _flax_model(conv_impl)
+def _setup(conv_impl="xla", bn_impl="reduce"):
+  model = _flax_model(conv_impl, bn_impl)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   # Perturb BN so scale/bias/statistics are not the trivial init.
   variables = jax.tree.map(lambda x: x * 1.1 + 0.05, variables)
@@ -115,14 +117,25 @@ def test_eval_logits_match_pytorch():
 
 
 @pytest.mark.parametrize(
-  "n_valid, conv_impl", [(6, "xla"), (4, "xla"), (4, "im2col"), (4, "eigen")]
+  "n_valid, conv_impl, bn_impl",
+  [
+    (6, "xla", "reduce"),
+    (4, "xla", "reduce"),
+    (4, "im2col", "reduce"),
+    (4, "eigen", "reduce"),
+    (6, "xla", "dot"),
+    (4, "eigen", "dot"),
+  ],
 )
-def test_train_step_matches_pytorch_sgd(n_valid, conv_impl):
+def test_train_step_matches_pytorch_sgd(n_valid, conv_impl, bn_impl):
   """One SGD step in train mode: params and running stats (unbiased var) match PyTorch.
 
   With ``n_valid < 6`` our batch is padded and masked; PyTorch sees only the valid examples.
+  ``bn_impl="dot"`` (BN statistics as contractions with the mask) is caught by this test when
+  its mask is dropped (the padded examples enter the statistics), or when the variance is not
+  centred.
   """
-  model, variables, tm, x = _setup(conv_impl)
+  model, variables, tm, x = _setup(conv_impl, bn_impl)
   y = np.array([0, 1, 2, 3, 4, 0])
   w = (np.arange(6) < n_valid).astype(np.float32)
 
@@ -260,3 +273,56 @@ def test_eigen_conv_gradients_are_autodiffs_bit_for_bit(hw, cin, cout, k, stride
     np.testing.assert_allclose(gv(ours), gv(ref), rtol=1e-12, atol=1e-12)
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+def test_bn_dot_statistics_equal_reductions_float64():
+  """``bn_impl="dot"`` (BN statistics as contractions with the example mask) equals
+  ``"reduce"`` in float64: logits, parameter gradients and the new running statistics of a
+  masked batch, and a vmapped pair of clients. The PyTorch step test above is
+  the independent oracle for both."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    mk = lambda bn: resnet.create_model(  # noqa: E731
+      ml_collections.ConfigDict(dict(name="resnet8", width=4, dtype="float64", bn_impl=bn)), CLASSES
+    )
+    red, dot = mk("reduce"), mk("dot")
+    x = np.random.default_rng(0).normal(size=(5, 16, 16, 3)) + 0.7
+    w = np.array([1.0, 1.0, 0.0, 1.0, 0.0])
+    v = red.init(jax.random.PRNGKey(0), x)
+
+    def loss(model, params, xb):
+      out, new = model.apply(
+        {"params": params, "batch_stats": v["batch_stats"]},
+        xb,
+        train=True,
+        mask=w,
+        mutable=["batch_stats"],
+      )
+      return jnp.sum(w[:, None] * out["logits"] ** 2), new["batch_stats"]
+
+    vg = lambda m: jax.jit(jax.value_and_grad(lambda p: loss(m, p, x), has_aux=True))  # noqa: E731
+    (l1, s1), g1 = vg(red)(v["params"])
+    (l2, s2), g2 = vg(dot)(v["params"])
+    np.testing.assert_allclose(l1, l2, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2))):
+      # Relative to each leaf's scale (BN's backward cancels: a few leaves are ~0).
+      assert np.max(np.abs(a - b)) <= 1e-9 * np.max(np.abs(b)) + 1e-12
+    stacked = jax.tree.map(lambda p: jnp.stack([p, 1.1 * p]), v["params"])
+    xs = np.stack([x, x[::-1]])
+    per = jax.jit(jax.vmap(lambda p, xb: loss(red, p, xb)[0]))(stacked, xs)
+    per2 = jax.jit(jax.vmap(lambda p, xb: loss(dot, p, xb)[0]))(stacked, xs)
+    np.testing.assert_allclose(per, per2, rtol=1e-12)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_bn_impl_default_and_validation():
+  """The default is ``reduce``; an unknown value is one message naming the field."""
+  cfg = ml_collections.ConfigDict(dict(name="resnet8", width=4))
+  assert resnet.create_model(cfg, CLASSES).bn_impl == "reduce"
+  bad = ml_collections.ConfigDict(
+    dict(name="resnet8", width=4, dtype="float32", mlp_dim=None, head_on_mlp=False,
+         conv_impl="auto", bn_impl="sum")
+  )  # fmt: skip
+  with pytest.raises(ValueError, match="config.model.bn_impl='sum'"):
+    resnet.validate(bad)
