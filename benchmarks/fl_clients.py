@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import fl_round  # noqa: E402  (peak memory sampler, atomic JSON write)
+import fl_round  # noqa: E402  (model + trainer, peak memory sampler, atomic JSON write)
 
 PRESETS = {
   "cpu": dict(
@@ -82,7 +82,6 @@ PRESETS = {
     cifar_hw=8,
   ),
 }
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def make_dataset(name: str, clients: int, p: dict, seed: int = 0) -> dict:
@@ -124,29 +123,14 @@ def chunk_iterations(steps: np.ndarray, g: int) -> int:
 def run_point(data: dict, m: int, strategy: str, group: str, p: dict, repeats: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  import ml_collections
 
-  from fedllava import algorithms, sharding
-  from fedllava.federate import client, rounds
-  from fedllava.models import resnet
+  from fedllava import sharding
+  from fedllava.federate import rounds
 
   hw = data["images"].shape[2]
-  cfg = ml_collections.ConfigDict(
-    dict(name="resnet8", width=p["width"], dtype="float32", conv_impl="auto")
-  )
-  model = resnet.create_model(cfg, 10)
+  shape = dict(width=p["width"], crop=4 if hw >= 32 else 1)
+  model, algo, trainer = fl_round.fedavg_trainer(shape, "auto", "fp32")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, 3)))
-  algo = algorithms.fedavg.create()
-  trainer = client.create_local_trainer(
-    model,
-    algo,
-    learning_rate=0.1,
-    mean=MEAN,
-    std=STD,
-    crop_padding=4 if hw >= 32 else 1,
-    flip=True,
-    per_batch_augment=False,
-  )
   mesh = sharding.create_client_mesh(1)
   cs = sharding.client_sharding(mesh)
   k = len(data["sizes"])
