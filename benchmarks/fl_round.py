@@ -254,7 +254,7 @@ def _jax_contender(spec: str, s: dict, d: dict, mesh_devices: int) -> tuple[Call
   strat_conv, dt = spec[len("jax:") :].rsplit(":", 1)  # "group:4@xla", "bf16"
   strat_name, conv = strat_conv.split("@")
   strat, _, g = strat_name.partition(":")
-  conv, _, bn = conv.partition("+")  # "eigen+reduce"
+  conv, _, bn = conv.partition("+")  # "eigen+dot"
   model, algo, trainer = fedavg_trainer(s, conv, dt, bn or "reduce")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
   mesh = sharding.create_client_mesh(mesh_devices or None)

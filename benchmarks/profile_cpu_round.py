@@ -74,10 +74,8 @@ def main(argv=None):
   import fl_round
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  import ml_collections
   import optax
 
-  from fedllava import algorithms
   from fedllava.data.augment import augment, normalize
   from fedllava.federate import client
   from fedllava.models import resnet
@@ -93,22 +91,7 @@ def main(argv=None):
   plan = jax.tree.map(jnp.asarray, plan)
   key = jax.random.PRNGKey(1)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(steps))
-  algo = algorithms.fedavg.create()
-
-  def model_for(conv, dt, bn="reduce"):
-    cfg = ml_collections.ConfigDict(
-      dict(
-        name="resnet8",
-        width=a.width,
-        conv_impl=conv,
-        bn_impl=bn,
-        dtype="float32",
-        compute_dtype={"fp32": "float32", "bf16": "bfloat16"}[dt],
-        mlp_dim=None,
-        head_on_mlp=False,
-      )
-    )
-    return resnet.create_model(cfg, 10)
+  shape = dict(s, width=a.width)  # fl_round.fedavg_trainer: the preset at --width
 
   fixed_x = jax.jit(
     jax.vmap(
@@ -130,19 +113,9 @@ def main(argv=None):
 
       f = jax.jit(lambda: jax.lax.scan(body, 0.0, (plan.idx, keys))[0])
       return lambda: f()
-    model = model_for(conv, dt, *bn)
+    model, algo, tr = fl_round.fedavg_trainer(shape, conv, dt, *bn)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, s["hw"], s["hw"], 3)))
     if kind == "full":
-      tr = client.create_local_trainer(
-        model,
-        algo,
-        learning_rate=0.1,
-        mean=fl_round.MEAN,
-        std=fl_round.STD,
-        crop_padding=s["crop"],
-        flip=True,
-        per_batch_augment=False,
-      )
       f = jax.jit(lambda v: tr.train(v, images, labels, plan, key)[0])
       jitted[piece] = (f, variables)
       return lambda: f(variables)
@@ -296,14 +269,15 @@ def trace_ops(f, v, steps: int, repeats: int = 3) -> dict:
       and not name.startswith(("while", "conditional", "call"))
     ):
       per_op[e["name"]] += e["dur"] / 1e3 / (repeats * steps)  # us -> ms per step
+  cats = {op: _category(op, sources[op]) for op in per_op}
   by_cat = collections.Counter()
   for op, ms in per_op.items():
-    by_cat[_category(op, sources[op])] += ms
+    by_cat[cats[op]] += ms
   return dict(
     traced_ms_per_step=sum(per_op.values()),
     by_category=dict(sorted(by_cat.items(), key=lambda x: -x[1])),
     top_ops=[
-      dict(op=op, ms_per_step=ms, source=sources[op], category=_category(op, sources[op]))
+      dict(op=op, ms_per_step=ms, source=sources[op], category=cats[op])
       for op, ms in per_op.most_common()
     ],
   )

@@ -292,12 +292,9 @@ def test_creff_server_matches_features_as_the_authors_torch_code(x64):
   assert algo.message(variables, new_state) is new_state["classifier"]
 
 
-def test_creff_uploads_gradients_of_the_sent_classifier_on_the_global_backbone(x64):
-  """The round's uploads are, per client and class, the PyTorch CE gradient of the classifier
-  the server sent (``message``) on the received model's features; the evaluated model is the
-  re-trained classifier while the clients get FedAvg's. Mutations caught: gradients of the
-  FedAvg classifier or of the locally trained model, the padding client holding classes."""
-  algo = creff.create(4, match_steps=1, retrain_epochs=1, batch_size=4, grad_batch=16, dsa=False)
+def _round_with_uploads(algo):
+  """One round of CReFF ``algo`` whose server step also reports the clients' gradient uploads:
+  ``(variables, state, uploads, the classifier the server sent, (trainer, variables, images))``."""
 
   def spy(ctx, model_fn):
     new_vars, state, m = algo.server_step(ctx, model_fn)
@@ -306,7 +303,16 @@ def test_creff_uploads_gradients_of_the_sent_classifier_on_the_global_backbone(x
   trainer, variables, inputs, images = _setup(algo)
   v, state, m = _run_round(algo._replace(server_step=spy), trainer, variables, inputs)
   sent = base.init_server_state(algo, variables, 3, jax.random.PRNGKey(2))["method"]["classifier"]
-  up = m["server/uploads"]
+  return v, state, m["server/uploads"], sent, (trainer, variables, images)
+
+
+def test_creff_uploads_gradients_of_the_sent_classifier_on_the_global_backbone(x64):
+  """The round's uploads are, per client and class, the PyTorch CE gradient of the classifier
+  the server sent (``message``) on the received model's features; the evaluated model is the
+  re-trained classifier while the clients get FedAvg's. Mutations caught: gradients of the
+  FedAvg classifier or of the locally trained model, the padding client holding classes."""
+  algo = creff.create(4, match_steps=1, retrain_epochs=1, batch_size=4, grad_batch=16, dsa=False)
+  v, state, up, sent, (trainer, variables, images) = _round_with_uploads(algo)
   np.testing.assert_array_equal(np.asarray(up["has_class"][3]), 0)  # the padding client
   for k, feats in enumerate(_real_features(trainer, variables, images)):
     y = LABELS[k, : SIZES[k]]
@@ -332,15 +338,7 @@ def test_creff_dsa_gradients_are_of_one_whole_batch_augmented_before_the_backbon
     4, match_steps=1, retrain_epochs=1, batch_size=4, grad_batch=16, grad_repeats=1,
     dsa_strategy="flip",
   )  # fmt: skip
-
-  def spy(ctx, model_fn):
-    new_vars, state, m = algo.server_step(ctx, model_fn)
-    return new_vars, state, {**m, "uploads": ctx.uploads["gradients"]}
-
-  trainer, variables, inputs, images = _setup(algo)
-  _, _, m = _run_round(algo._replace(server_step=spy), trainer, variables, inputs)
-  sent = base.init_server_state(algo, variables, 3, jax.random.PRNGKey(2))["method"]["classifier"]
-  up = m["server/uploads"]
+  _, _, up, sent, (trainer, variables, images) = _round_with_uploads(algo)
   plain = _real_features(trainer, variables, images)
   mirrored = _real_features(trainer, variables, images[:, :, :, ::-1])
   seen = set()

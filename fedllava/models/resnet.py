@@ -65,8 +65,7 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32  # the output (activation) dtype
   param_dtype: Any = None  # scale/bias and running statistics; None: dtype widened to f32
   # How the batch statistics are summed: "reduce" (XLA reductions) or "dot" (contractions
-  # with the example weights, precision HIGHEST; XLA:CPU runs them as Eigen matrix-vector
-  # products). Same values up to rounding (float64 tests); ``config.model.bn_impl``. Measured:
+  # with the example weights as matrix-vector products, precision HIGHEST). Same values up to rounding (float64 tests); ``config.model.bn_impl``. Measured:
   # 3% faster local steps on CPU (benchmarks/README.md), so "reduce" stays the default.
   stats: str = "reduce"
 
