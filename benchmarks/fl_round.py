@@ -12,7 +12,8 @@ horizontal flip, FedAvg weighted by client size.
 Contenders (``--contenders``, a comma list; the preset picks a default):
 
 * ``jax:STRATEGY@CONV:DTYPE``: fedllava's jitted sharded round (``fedllava/federate/rounds.py``),
-  STRATEGY = vmap | map | group:G, CONV = xla | im2col | shift | eigen (``config.model.conv_impl``)
+  STRATEGY = vmap | map | group:G, CONV = xla | im2col | shift | eigen | onednn
+  (``config.model.conv_impl``)
   with an optional ``+dot`` (``config.model.bn_impl``; default ``reduce``),
   DTYPE = fp32 | bf16 (``config.model.compute_dtype``: bf16 compute, fp32 master weights);
 * ``torch:creff``: CReFF's own loop in PyTorch (``torch_reference.creff_round``);
@@ -72,10 +73,13 @@ DEFAULT_CONTENDERS = {
   + ["jax:map@eigen:fp32", "jax:map@eigen:bf16", "jax:group:4@xla:fp32", "jax:group:4@xla:bf16"]
   + TORCH_ALL
   + ["torch:compile:bf16", "pfl:fp32"],
-  # CPU: XLA's convolutions only through conv_impl=eigen (autodiff's gradient convolutions run
-  # 20-70x slower inside the local-step scan there: benchmarks/README.md); PyTorch on 1 thread
-  # (on a shared 2-core machine 1 thread wins), `auto` (map@eigen:fp32) first.
+  # CPU: oneDNN's convolutions (conv_impl=onednn), or XLA's only through conv_impl=eigen
+  # (autodiff's gradient convolutions run 20-70x slower inside the local-step scan there:
+  # benchmarks/README.md); PyTorch on 1 thread (on a shared 2-core machine 1 thread wins),
+  # `auto` (map@onednn:fp32) first.
   "cpu_small": [
+    "jax:map@onednn:fp32",
+    "jax:vmap@onednn:fp32",
     "jax:map@eigen:fp32",
     "jax:map@eigen+dot:fp32",
     "jax:map@eigen:bf16",
@@ -91,6 +95,7 @@ DEFAULT_CONTENDERS = {
   ],
   "ci": [
     "jax:vmap@im2col:fp32",
+    "jax:map@onednn:fp32",
     "jax:map@eigen:fp32",
     "jax:map@xla:bf16",
     "torch:creff",

@@ -28,7 +28,7 @@ run() {  # run SECONDS NAME ARGS...: one fl_round.py process, its own JSON and l
 }
 # 1. fp32 oracle path (TF32 off) and bf16 mixed precision, vmap / map / group:4, both lowerings,
 #    next to the PyTorch contenders, all interleaved (~5.5 min: 15 compiles + 4 x 19 rounds;
-#    map@eigen: XLA convolutions with forward-form gradients, the CPU's `auto` lowering).
+#    map@eigen: XLA convolutions with forward-form gradients, the CPU's `auto` lowering without oneDNN).
 run 330 main --precision=highest --contenders=jax:vmap@xla:fp32,jax:map@xla:fp32,jax:map@eigen:fp32,jax:group:4@xla:fp32,jax:vmap@im2col:fp32,jax:map@im2col:fp32,jax:vmap@xla:bf16,jax:map@xla:bf16,jax:group:4@xla:bf16,jax:map@im2col:bf16,torch:creff,torch:fast:fp32,torch:fast:bf16,torch:compile:bf16
 # 2. TF32 allowed (jax "default" precision) for the fp32 strategies, torch.compile fp32, pfl.
 run 110 tf32 --precision=default --contenders=jax:vmap@xla:fp32,jax:map@xla:fp32,torch:compile:fp32,pfl:fp32

@@ -17,7 +17,12 @@ def test_fl_round_ci_preset(tmp_path):
 
   has_torch = importlib.util.find_spec("torch") is not None
   out = tmp_path / "fl.json"
-  contenders = ["jax:vmap@im2col:fp32", "jax:map@eigen:fp32", "jax:map@xla:bf16"]
+  contenders = [
+    "jax:vmap@im2col:fp32",
+    "jax:map@eigen:fp32",
+    "jax:map@onednn:fp32",
+    "jax:map@xla:bf16",
+  ]
   if has_torch:
     contenders += ["torch:creff", "torch:fast:fp32:t1", "pfl:fp32"]
   res = fl_round.main(
@@ -44,6 +49,7 @@ def test_fl_round_ci_preset(tmp_path):
   assert saved["contenders"]["jax:vmap@im2col:fp32"]["max_abs_diff_vs_first_jax_fp32"] == 0.0
   # conv_impl=eigen is another lowering of the same round (float32: a few ulps of drift)
   assert saved["contenders"]["jax:map@eigen:fp32"]["max_abs_diff_vs_first_jax_fp32"] < 1e-4
+  assert saved["contenders"]["jax:map@onednn:fp32"]["max_abs_diff_vs_first_jax_fp32"] < 1e-4
   assert (tmp_path / "fl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert res["preset"] == "ci"
 

@@ -216,6 +216,7 @@ def run(
   )
   strategy = rounds.resolve_strategy(fl.client_parallelism)
   print(f"[fl] client parallelism: {fl.client_parallelism} -> {strategy} ({jax.default_backend()})")
+  print(f"[fl] convolutions: {config.model.get('conv_impl', 'auto')} -> {model.conv_impl}")
   make_round_fn = make_round_fn or rounds.create_round_fn
   round_fn = make_round_fn(trainer, algo, mesh, strategy, fl.group_size)
 

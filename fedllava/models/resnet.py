@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedllava import errors
+from fedllava.models import onednn_conv
 
 
 def conv_init(key, shape, dtype=jnp.float32):
@@ -238,7 +239,24 @@ class EigenConv(nn.Module):
     return eigen_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - 1) // 2)
 
 
-CONV_IMPLS = ("xla", "im2col", "shift", "eigen")
+class OnednnConv(nn.Module):
+  """A bias-free convolution through ``onednn_conv.conv``: the same parameters as ``nn.Conv``."""
+
+  features: int
+  kernel_size: int
+  stride: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), _param_dtype(self))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    return onednn_conv.conv(x, kernel, self.stride, (k - 1) // 2)
+
+
+CONV_IMPLS = ("xla", "im2col", "shift", "eigen", "onednn")
 BN_IMPLS = ("reduce", "dot")
 
 
@@ -253,6 +271,8 @@ def _conv(
     )
   if impl == "eigen":
     return EigenConv(features, kernel, stride, dtype=dtype, param_dtype=pd, name=name)
+  if impl == "onednn":
+    return OnednnConv(features, kernel, stride, dtype=dtype, param_dtype=pd, name=name)
   pad = (kernel - 1) // 2
   return nn.Conv(
     features,
@@ -345,9 +365,10 @@ class ResNet(nn.Module):
     stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max pool).
     conv_impl: ``"xla"`` (``nn.Conv``), ``"im2col"`` (same parameters, batched-matmul
       friendly under ``vmap``; see ``Im2ColConv``), ``"shift"`` (im2col whose patches are
-      strided slices, ``shifted_patches``) or ``"eigen"`` (XLA's convolutions with gradients
-      XLA:CPU keeps on Eigen inside a scan, ``eigen_conv``: the fastest on CPU, ``auto``'s
-      choice there).
+      strided slices, ``shifted_patches``), ``"eigen"`` (XLA's convolutions with gradients
+      XLA:CPU keeps on Eigen inside a scan, ``eigen_conv``) or ``"onednn"`` (oneDNN's
+      convolutions as FFI custom calls, ``onednn_conv.conv``: float32, the fastest on CPU,
+      ``auto``'s choice there when installed; see ``resolve_conv_impl``).
     mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
     head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
     dtype: the computation (activation) dtype; bfloat16 = mixed precision.
@@ -433,6 +454,29 @@ def dtypes(model_config) -> tuple[Any, Any]:
   return jnp.dtype(dtype), jnp.promote_types(dtype, compute)
 
 
+def resolve_conv_impl(impl: str, compute_dtype) -> str:
+  """``conv_impl`` with ``"auto"`` resolved: what ``benchmarks/fl_round.py`` measured fastest.
+
+  On XLA:CPU, float32: ``"onednn"`` when oneDNN and a compiler are installed, else
+  ``"eigen"``; float64 / bfloat16 on CPU: ``"eigen"`` (oneDNN here is float32 only); other
+  backends: ``"xla"``. Measured: benchmarks/README.md (fl_round_cpu_small_*, round_speed_h200_*).
+  """
+  if impl == "auto":
+    if jax.default_backend() != "cpu":
+      return "xla"
+    if jnp.dtype(compute_dtype) == jnp.float32 and onednn_conv.available():
+      return "onednn"
+    return "eigen"
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
+  if impl == "onednn" and jnp.dtype(compute_dtype) != jnp.float32:
+    raise ValueError(
+      f"config.model.conv_impl='onednn' computes in float32 (compute dtype here: "
+      f"{jnp.dtype(compute_dtype).name}); use conv_impl='eigen' or 'auto'."
+    )
+  return impl
+
+
 def create_model(model_config, num_classes: int) -> ResNet:
   """Builds the FL model named by ``model_config.name`` ("resnet8" or "resnet50").
 
@@ -447,11 +491,7 @@ def create_model(model_config, num_classes: int) -> ResNet:
   head_on_mlp = bool(model_config.get("head_on_mlp", False))
   param_dtype, dtype = dtypes(model_config)
   width = model_config.get("width", 64)
-  impl = model_config.get("conv_impl", "auto")
-  if impl == "auto":  # measured: benchmarks/README.md (fl_round_cpu_small_*, round_speed_h200_*)
-    impl = "eigen" if jax.default_backend() == "cpu" else "xla"
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
+  impl = resolve_conv_impl(model_config.get("conv_impl", "auto"), dtype)
   bn_impl = model_config.get("bn_impl", "reduce")
   if bn_impl not in BN_IMPLS:
     raise ValueError(f"config.model.bn_impl={bn_impl!r}; choose one of {BN_IMPLS}.")
@@ -510,6 +550,17 @@ def validate(model_config) -> None:
     raise errors.ConfigError(
       f"config.model.conv_impl={m.conv_impl!r}; choose 'auto' or one of {CONV_IMPLS}."
     )
+  if m.conv_impl == "onednn":
+    if compute != "float32" or m.dtype != "float32":
+      raise errors.ConfigError(
+        "config.model.conv_impl='onednn' computes in float32 (config.model.dtype="
+        f"{m.dtype!r}, compute_dtype={compute!r}); use conv_impl='eigen' or 'auto'."
+      )
+    why = onednn_conv.unavailable_reason()
+    if why:
+      raise errors.ConfigError(
+        f"config.model.conv_impl='onednn' cannot run here: {why}; {onednn_conv.INSTALL_HINT}."
+      )
   bn_impl = m.get("bn_impl", "reduce")
   if bn_impl not in BN_IMPLS:
     raise errors.ConfigError(f"config.model.bn_impl={bn_impl!r}; choose one of {BN_IMPLS}.")

@@ -1,0 +1,224 @@
+// fedllava: 2-D convolutions (NHWC activations, HWIO kernels, float32, square kernels, equal
+// stride and symmetric padding on both axes) on oneDNN, as three XLA FFI custom calls for
+// XLA:CPU: the forward, the input gradient and the kernel gradient. Built and registered by
+// fedllava/models/onednn_conv.py (why: benchmarks/README.md, "oneDNN convolutions").
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+dnnl::engine& Engine() {
+  static dnnl::engine* e = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *e;
+}
+
+// One convolution shape: N, H, W, C (input), O (output channels), KH, KW, stride, pad.
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t>;
+
+struct Conv {
+  memory::desc x_md, y_md, w_user_md;
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::convolution_backward_weights bwd_weights;
+  bool fwd_reorder, bwd_data_reorder, bwd_weights_reorder;
+  dnnl::reorder to_fwd_w, to_bwd_data_w, from_bwd_weights_dw;
+};
+
+Conv* Make(const Key& k) {
+  auto [n, h, w, c, o, kh, kw, s, p] = k;
+  const int64_t ho = (h + 2 * p - kh) / s + 1, wo = (w + 2 * p - kw) / s + 1;
+  auto* conv = new Conv();
+  conv->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
+  conv->y_md = memory::desc({n, o, ho, wo}, dt::f32, tag::nhwc);
+  conv->w_user_md = memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
+  memory::desc w_any({o, c, kh, kw}, dt::f32, tag::any);
+  memory::dims strides = {s, s}, pad = {p, p};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto& e = Engine();
+  conv->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      e, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, conv->x_md, w_any,
+      conv->y_md, strides, pad, pad, attr);
+  conv->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      e, dnnl::algorithm::convolution_direct, conv->x_md, w_any, conv->y_md, strides, pad, pad,
+      conv->fwd_pd, attr);
+  conv->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      e, dnnl::algorithm::convolution_direct, conv->x_md, w_any, conv->y_md, strides, pad, pad,
+      conv->fwd_pd, attr);
+  conv->fwd = dnnl::convolution_forward(conv->fwd_pd);
+  conv->bwd_data = dnnl::convolution_backward_data(conv->bwd_data_pd);
+  conv->bwd_weights = dnnl::convolution_backward_weights(conv->bwd_weights_pd);
+  conv->fwd_reorder = conv->fwd_pd.weights_desc() != conv->w_user_md;
+  conv->bwd_data_reorder = conv->bwd_data_pd.weights_desc() != conv->w_user_md;
+  conv->bwd_weights_reorder = conv->bwd_weights_pd.diff_weights_desc() != conv->w_user_md;
+  if (conv->fwd_reorder)
+    conv->to_fwd_w = dnnl::reorder(dnnl::reorder::primitive_desc(
+        e, conv->w_user_md, e, conv->fwd_pd.weights_desc()));
+  if (conv->bwd_data_reorder)
+    conv->to_bwd_data_w = dnnl::reorder(dnnl::reorder::primitive_desc(
+        e, conv->w_user_md, e, conv->bwd_data_pd.weights_desc()));
+  if (conv->bwd_weights_reorder)
+    conv->from_bwd_weights_dw = dnnl::reorder(dnnl::reorder::primitive_desc(
+        e, conv->bwd_weights_pd.diff_weights_desc(), e, conv->w_user_md));
+  return conv;
+}
+
+// Primitives are built once per shape (oneDNN JIT-compiles them) and shared by all threads;
+// executing a primitive from several threads at once is safe with user scratchpads.
+Conv* Get(const Key& k) {
+  static std::mutex* mu = new std::mutex();
+  static std::map<Key, Conv*>* cache = new std::map<Key, Conv*>();
+  std::lock_guard<std::mutex> lock(*mu);
+  auto it = cache->find(k);
+  if (it != cache->end()) return it->second;
+  Conv* conv = Make(k);
+  (*cache)[k] = conv;
+  return conv;
+}
+
+// Per-thread scratch: 64-byte aligned, grown on demand.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t size = 0;
+  void* Get(size_t n) {
+    if (n > size) {
+      std::free(ptr);
+      size = (n + 63) / 64 * 64;
+      ptr = std::aligned_alloc(64, size);
+    }
+    return ptr;
+  }
+  ~Scratch() { std::free(ptr); }
+};
+thread_local Scratch scratchpad, weights_scratch;
+
+dnnl::stream& Stream() {
+  thread_local dnnl::stream s(Engine());
+  return s;
+}
+
+template <typename B>
+Key MakeKey(const B& x_dims, const B& w_dims, int64_t stride, int64_t pad) {
+  return Key(x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3], w_dims[0], w_dims[1], stride,
+             pad);
+}
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+               int64_t stride, int64_t pad) {
+  try {
+    Conv* c = Get(MakeKey(x.dimensions(), w.dimensions(), stride, pad));
+    auto& e = Engine();
+    auto& s = Stream();
+    memory w_user(c->w_user_md, e, w.typed_data());
+    memory w_mem = w_user;
+    if (c->fwd_reorder) {
+      auto md = c->fwd_pd.weights_desc();
+      w_mem = memory(md, e, weights_scratch.Get(md.get_size()));
+      c->to_fwd_w.execute(s, w_user, w_mem);
+    }
+    memory sp(c->fwd_pd.scratchpad_desc(), e, scratchpad.Get(c->fwd_pd.scratchpad_desc().get_size()));
+    c->fwd.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.typed_data())},
+                       {DNNL_ARG_WEIGHTS, w_mem},
+                       {DNNL_ARG_DST, memory(c->y_md, e, y->typed_data())},
+                       {DNNL_ARG_SCRATCHPAD, sp}});
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN convolution forward: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad) {
+  try {
+    Conv* c = Get(MakeKey(dx->dimensions(), w.dimensions(), stride, pad));
+    auto& e = Engine();
+    auto& s = Stream();
+    memory w_user(c->w_user_md, e, w.typed_data());
+    memory w_mem = w_user;
+    if (c->bwd_data_reorder) {
+      auto md = c->bwd_data_pd.weights_desc();
+      w_mem = memory(md, e, weights_scratch.Get(md.get_size()));
+      c->to_bwd_data_w.execute(s, w_user, w_mem);
+    }
+    auto spd = c->bwd_data_pd.scratchpad_desc();
+    memory sp(spd, e, scratchpad.Get(spd.get_size()));
+    c->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.typed_data())},
+                            {DNNL_ARG_WEIGHTS, w_mem},
+                            {DNNL_ARG_DIFF_SRC, memory(c->x_md, e, dx->typed_data())},
+                            {DNNL_ARG_SCRATCHPAD, sp}});
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN convolution input gradient: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad) {
+  try {
+    Conv* c = Get(MakeKey(x.dimensions(), dw->dimensions(), stride, pad));
+    auto& e = Engine();
+    auto& s = Stream();
+    memory dw_user(c->w_user_md, e, dw->typed_data());
+    memory dw_mem = dw_user;
+    if (c->bwd_weights_reorder) {
+      auto md = c->bwd_weights_pd.diff_weights_desc();
+      dw_mem = memory(md, e, weights_scratch.Get(md.get_size()));
+    }
+    auto spd = c->bwd_weights_pd.scratchpad_desc();
+    memory sp(spd, e, scratchpad.Get(spd.get_size()));
+    c->bwd_weights.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.typed_data())},
+                               {DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.typed_data())},
+                               {DNNL_ARG_DIFF_WEIGHTS, dw_mem},
+                               {DNNL_ARG_SCRATCHPAD, sp}});
+    if (c->bwd_weights_reorder) c->from_bwd_weights_dw.execute(s, dw_mem, dw_user);
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN convolution kernel gradient: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedllavaOnednnConvFwd, Fwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedllavaOnednnConvBwdData, BwdData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedllavaOnednnConvBwdWeights, BwdWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
