@@ -129,7 +129,7 @@ def run_point(data: dict, m: int, strategy: str, group: str, p: dict, repeats: i
 
   hw = data["images"].shape[2]
   shape = dict(width=p["width"], crop=4 if hw >= 32 else 1)
-  model, algo, trainer = fl_round.fedavg_trainer(shape, "auto", "fp32")
+  model, algo, trainer = fl_round.fedavg_trainer(shape, p.get("conv", "auto"), "fp32")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, 3)))
   mesh = sharding.create_client_mesh(1)
   cs = sharding.client_sharding(mesh)
@@ -243,6 +243,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--group_sizes", default="auto", help="chunk sizes for chunked: auto and/or N")
   ap.add_argument("--width", type=int, default=0, help="ResNet-8 width (preset's if 0)")
   ap.add_argument("--epochs", type=int, default=0)
+  ap.add_argument("--conv", default="auto", help="config.model.conv_impl")
   ap.add_argument("--repeats", type=int, default=2, help="timed rounds per point")
   ap.add_argument("--precision", default="highest", help="jax_default_matmul_precision")
   ap.add_argument("--out", default="")
@@ -253,6 +254,7 @@ def main(argv=None) -> dict:
     p["width"] = a.width
   if a.epochs:
     p["epochs"] = a.epochs
+  p["conv"] = a.conv
   datasets = a.datasets.split(",") if a.datasets else list(p["datasets"])
   points = [int(x) for x in a.points.split(",")] if a.points else list(p["points"])
   strategies = a.strategies.split(",") if a.strategies else list(p["strategies"])

@@ -79,6 +79,7 @@ DEFAULT_CONTENDERS = {
   # `auto` (map@onednn:fp32) first.
   "cpu_small": [
     "jax:map@onednn:fp32",
+    "jax:map@onednn:bf16",
     "jax:vmap@onednn:fp32",
     "jax:map@eigen:fp32",
     "jax:map@eigen+dot:fp32",

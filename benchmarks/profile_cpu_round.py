@@ -233,9 +233,11 @@ def _category(op: str, source: str) -> str:
   m = re.search(r"/((?:downsample_)?conv\d*|(?:downsample_)?bn\d*|classifier)/", source + "/")
   layer = "" if not m else "conv" if "conv" in m.group(1) else "bn" if "bn" in m.group(1) else "fc"
   kind = re.sub(r"[._]?\d+$", "", op)
-  kind = {"conv_general_dilated": "convolution (Eigen)", "ynn_fusion": "YNNPACK fusion"}.get(
-    kind, "transpose" if kind.startswith("transpose") else "elementwise / reduction"
-  )
+  kind = {
+    "conv_general_dilated": "convolution (Eigen)",
+    "ynn_fusion": "YNNPACK fusion",
+    "ffi_call": "convolution (oneDNN custom call)",
+  }.get(kind, "transpose" if kind.startswith("transpose") else "elementwise / reduction")
   return f"{phase} {layer or 'other'}: {kind}"
 
 

@@ -159,7 +159,10 @@ def test_conv_cpu_runs_and_reports_every_shape(tmp_path):
     assert set(v) == {
       "jax_forward",
       "jax_forward_backward",
+      "onednn_forward",
+      "onednn_forward_backward",
       "torch_forward",
       "torch_forward_backward",
     }
     assert all(t > 0 for t in v.values())
+  assert set(res["forward_backward_total_ms"]) == {"jax", "onednn", "torch"}

@@ -65,6 +65,41 @@ def test_forward_and_both_gradients_equal_float64_xla(x64, n, hw, cin, cout, k, 
 
 
 @needs_onednn
+@pytest.mark.parametrize(
+  "n, hw, cin, cout, k, stride", [(3, 9, 3, 4, 3, 1), (4, 32, 16, 32, 3, 2), (2, 8, 64, 64, 3, 1),
+                                  (3, 8, 4, 6, 1, 2), (2, 7, 3, 5, 7, 2)]
+)  # fmt: skip
+def test_bfloat16_is_float32_accumulation_rounded_once(x64, n, hw, cin, cout, k, stride):
+  """bfloat16 operands: each output within one bfloat16 rounding (2^-8 relative) of the float64
+  convolution of the same bfloat16 values, as XLA's own bfloat16 convolution is; float32
+  accumulation inside (a bfloat16 one would drift by ~sqrt(9 C) roundings)."""
+  rng = np.random.default_rng(2)
+  pad = (k - 1) // 2
+  bf = lambda a: jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+  x, w = bf(rng.normal(size=(n, hw, hw, cin))), bf(rng.normal(size=(k, k, cin, cout)))
+
+  def ref(x, w):
+    return jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  y64, vjp64 = jax.vjp(ref, x.astype(jnp.float64), w.astype(jnp.float64))
+  y, vjp = jax.vjp(lambda x, w: onednn_conv.conv(x, w, stride, pad), x, w)
+  dy = bf(rng.normal(size=y.shape))
+  dx, dw = vjp(dy)
+  assert {y.dtype, dx.dtype, dw.dtype} == {jnp.dtype(jnp.bfloat16)}
+  for ours, exact in [
+    (y, y64),
+    (dx, vjp64(dy.astype(jnp.float64))[0]),
+    (dw, vjp64(dy.astype(jnp.float64))[1]),
+  ]:
+    err = np.abs(np.asarray(ours, np.float64) - np.asarray(exact))
+    assert np.all(err <= 2.0**-8 * np.abs(np.asarray(exact)) + 1e-6 * np.abs(exact).max()), (
+      err.max()
+    )
+
+
+@needs_onednn
 def test_inside_jitted_scan_and_vmap_over_clients():
   """Local steps as a ``lax.scan`` (where XLA:CPU's own gradient convolutions fall off Eigen)
   and per-client kernels under ``vmap`` (a loop of calls): the same as XLA's, float32."""
@@ -129,16 +164,17 @@ def test_model_gradients_equal_float64_xla_model(x64, name, hw):
   assert errs["onednn"] < 3 * errs["eigen"] + 1e-5, errs
 
 
-def test_auto_picks_onednn_only_for_float32_on_cpu(monkeypatch):
+def test_auto_picks_onednn_for_float32_and_bfloat16_on_cpu(monkeypatch):
   f32, f64, bf16 = jnp.float32, jnp.float64, jnp.bfloat16
   monkeypatch.setattr(onednn_conv, "available", lambda: True)
   assert resnet.resolve_conv_impl("auto", f32) == "onednn"
   assert resnet.resolve_conv_impl("auto", f64) == "eigen"  # the float64 oracles
-  assert resnet.resolve_conv_impl("auto", bf16) == "eigen"
+  assert resnet.resolve_conv_impl("auto", bf16) == "onednn"
   assert resnet.resolve_conv_impl("eigen", f32) == "eigen"
   monkeypatch.setattr(onednn_conv, "available", lambda: False)
   assert resnet.resolve_conv_impl("auto", f32) == "eigen"
-  with pytest.raises(ValueError, match="conv_impl='onednn' computes in float32"):
+  assert resnet.resolve_conv_impl("auto", bf16) == "eigen"
+  with pytest.raises(ValueError, match="conv_impl='onednn' computes in float32 or bfloat16"):
     resnet.resolve_conv_impl("onednn", f64)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert resnet.resolve_conv_impl("auto", f32) == "xla"
@@ -158,8 +194,12 @@ def test_bad_onednn_configs_are_one_message_naming_the_field_and_fix(monkeypatch
     errors.ConfigError, match=r"config.model.conv_impl='onednn' computes in float32"
   ):
     resnet.validate(_model_config(dtype="float64", compute_dtype="float64"))
-  with pytest.raises(errors.ConfigError, match="conv_impl='onednn' computes in float32"):
-    resnet.validate(_model_config(compute_dtype="bfloat16"))
+  with pytest.raises(
+    errors.ConfigError, match="conv_impl='onednn' computes in float32 or bfloat16"
+  ):
+    resnet.validate(_model_config(dtype="float64"))  # float32 compute of float64 is float64
+  resnet.validate(_model_config(compute_dtype="bfloat16"))  # mixed precision: allowed
+  resnet.validate(_model_config(dtype="bfloat16"))  # the legacy spelling of the same
   monkeypatch.setenv("FEDLLAVA_ONEDNN_ROOT", str(tmp_path))  # a root with no oneDNN in it
   with pytest.raises(
     errors.ConfigError, match=r"cannot run here: no oneDNN headers.*pip install onednn-cpu-gomp"

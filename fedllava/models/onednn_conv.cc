@@ -1,4 +1,4 @@
-// fedllava: 2-D convolutions (NHWC activations, HWIO kernels, float32, square kernels, equal
+// fedllava: 2-D convolutions (NHWC activations, HWIO kernels, float32 or bfloat16, equal
 // stride and symmetric padding on both axes) on oneDNN, as three XLA FFI custom calls for
 // XLA:CPU: the forward, the input gradient and the kernel gradient. Built and registered by
 // fedllava/models/onednn_conv.py (why: benchmarks/README.md, "oneDNN convolutions").
@@ -10,6 +10,8 @@
 #include <tuple>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -27,9 +29,11 @@ dnnl::engine& Engine() {
   return *e;
 }
 
-// One convolution shape: N, H, W, C (input), O (output channels), KH, KW, stride, pad.
+// One convolution: N, H, W, C (input), O (output channels), KH, KW, stride, pad, data type
+// (f32, or bf16 activations / kernels / gradients with f32 accumulation inside oneDNN), and
+// the OpenMP threads it is made and run with.
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t>;
+                       int64_t, dt, int>;
 
 struct Conv {
   memory::desc x_md, y_md, w_user_md;
@@ -44,13 +48,13 @@ struct Conv {
 };
 
 Conv* Make(const Key& k) {
-  auto [n, h, w, c, o, kh, kw, s, p] = k;
+  auto [n, h, w, c, o, kh, kw, s, p, type, threads] = k;
   const int64_t ho = (h + 2 * p - kh) / s + 1, wo = (w + 2 * p - kw) / s + 1;
   auto* conv = new Conv();
-  conv->x_md = memory::desc({n, c, h, w}, dt::f32, tag::nhwc);
-  conv->y_md = memory::desc({n, o, ho, wo}, dt::f32, tag::nhwc);
-  conv->w_user_md = memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
-  memory::desc w_any({o, c, kh, kw}, dt::f32, tag::any);
+  conv->x_md = memory::desc({n, c, h, w}, type, tag::nhwc);
+  conv->y_md = memory::desc({n, o, ho, wo}, type, tag::nhwc);
+  conv->w_user_md = memory::desc({o, c, kh, kw}, type, tag::hwio);
+  memory::desc w_any({o, c, kh, kw}, type, tag::any);
   memory::dims strides = {s, s}, pad = {p, p};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -82,9 +86,28 @@ Conv* Make(const Key& k) {
   return conv;
 }
 
+// XLA:CPU calls a custom call from its own worker threads, and each calling thread gets an
+// OpenMP team of its own: for a small convolution the team's fork, join and spinning cost more
+// than the work (digits' 8x8 images: 4x slower than one thread on 2 cores). Below
+// FEDLLAVA_ONEDNN_SMALL_MACS multiply-adds (default 2^22) a convolution runs on the calling
+// thread alone; above, on the process's OpenMP threads (OMP_NUM_THREADS, CPU affinity).
+int Threads(const Key& k) {
+  static const int max_threads = omp_get_max_threads();
+  static const int64_t small = [] {
+    const char* env = std::getenv("FEDLLAVA_ONEDNN_SMALL_MACS");
+    return env ? std::atoll(env) : int64_t{1} << 22;
+  }();
+  auto [n, h, w, c, o, kh, kw, s, p, type, threads] = k;
+  const int64_t ho = (h + 2 * p - kh) / s + 1, wo = (w + 2 * p - kw) / s + 1;
+  return n * ho * wo * o * c * kh * kw < small ? 1 : max_threads;
+}
+
 // Primitives are built once per shape (oneDNN JIT-compiles them) and shared by all threads;
 // executing a primitive from several threads at once is safe with user scratchpads.
-Conv* Get(const Key& k) {
+Conv* Get(Key k) {
+  std::get<10>(k) = Threads(k);
+  // The calling thread's team size (a per-thread setting), the same at creation and execution.
+  omp_set_num_threads(std::get<10>(k));
   static std::mutex* mu = new std::mutex();
   static std::map<Key, Conv*>* cache = new std::map<Key, Conv*>();
   std::lock_guard<std::mutex> lock(*mu);
@@ -116,19 +139,25 @@ dnnl::stream& Stream() {
   return s;
 }
 
-template <typename B>
-Key MakeKey(const B& x_dims, const B& w_dims, int64_t stride, int64_t pad) {
-  return Key(x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3], w_dims[0], w_dims[1], stride,
-             pad);
+template <ffi::DataType T>
+constexpr dt Type() {
+  return T == ffi::DataType::BF16 ? dt::bf16 : dt::f32;
 }
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-               int64_t stride, int64_t pad) {
+template <ffi::DataType T, typename B>
+Key MakeKey(const B& x_dims, const B& w_dims, int64_t stride, int64_t pad) {
+  return Key(x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[3], w_dims[0], w_dims[1], stride,
+             pad, Type<T>(), 0);
+}
+
+template <ffi::DataType T>
+ffi::Error Fwd(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y, int64_t stride,
+               int64_t pad) {
   try {
-    Conv* c = Get(MakeKey(x.dimensions(), w.dimensions(), stride, pad));
+    Conv* c = Get(MakeKey<T>(x.dimensions(), w.dimensions(), stride, pad));
     auto& e = Engine();
     auto& s = Stream();
-    memory w_user(c->w_user_md, e, w.typed_data());
+    memory w_user(c->w_user_md, e, w.untyped_data());
     memory w_mem = w_user;
     if (c->fwd_reorder) {
       auto md = c->fwd_pd.weights_desc();
@@ -136,9 +165,9 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuff
       c->to_fwd_w.execute(s, w_user, w_mem);
     }
     memory sp(c->fwd_pd.scratchpad_desc(), e, scratchpad.Get(c->fwd_pd.scratchpad_desc().get_size()));
-    c->fwd.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.typed_data())},
+    c->fwd.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.untyped_data())},
                        {DNNL_ARG_WEIGHTS, w_mem},
-                       {DNNL_ARG_DST, memory(c->y_md, e, y->typed_data())},
+                       {DNNL_ARG_DST, memory(c->y_md, e, y->untyped_data())},
                        {DNNL_ARG_SCRATCHPAD, sp}});
     s.wait();
   } catch (const dnnl::error& err) {
@@ -147,13 +176,14 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuff
   return ffi::Error::Success();
 }
 
-ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad) {
+template <ffi::DataType T>
+ffi::Error BwdData(ffi::Buffer<T> dy, ffi::Buffer<T> w, ffi::ResultBuffer<T> dx, int64_t stride,
+                   int64_t pad) {
   try {
-    Conv* c = Get(MakeKey(dx->dimensions(), w.dimensions(), stride, pad));
+    Conv* c = Get(MakeKey<T>(dx->dimensions(), w.dimensions(), stride, pad));
     auto& e = Engine();
     auto& s = Stream();
-    memory w_user(c->w_user_md, e, w.typed_data());
+    memory w_user(c->w_user_md, e, w.untyped_data());
     memory w_mem = w_user;
     if (c->bwd_data_reorder) {
       auto md = c->bwd_data_pd.weights_desc();
@@ -162,9 +192,9 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
     }
     auto spd = c->bwd_data_pd.scratchpad_desc();
     memory sp(spd, e, scratchpad.Get(spd.get_size()));
-    c->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.typed_data())},
+    c->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.untyped_data())},
                             {DNNL_ARG_WEIGHTS, w_mem},
-                            {DNNL_ARG_DIFF_SRC, memory(c->x_md, e, dx->typed_data())},
+                            {DNNL_ARG_DIFF_SRC, memory(c->x_md, e, dx->untyped_data())},
                             {DNNL_ARG_SCRATCHPAD, sp}});
     s.wait();
   } catch (const dnnl::error& err) {
@@ -173,13 +203,14 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
-ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad) {
+template <ffi::DataType T>
+ffi::Error BwdWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<T> dw,
+                      int64_t stride, int64_t pad) {
   try {
-    Conv* c = Get(MakeKey(x.dimensions(), dw->dimensions(), stride, pad));
+    Conv* c = Get(MakeKey<T>(x.dimensions(), dw->dimensions(), stride, pad));
     auto& e = Engine();
     auto& s = Stream();
-    memory dw_user(c->w_user_md, e, dw->typed_data());
+    memory dw_user(c->w_user_md, e, dw->untyped_data());
     memory dw_mem = dw_user;
     if (c->bwd_weights_reorder) {
       auto md = c->bwd_weights_pd.diff_weights_desc();
@@ -187,8 +218,8 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     }
     auto spd = c->bwd_weights_pd.scratchpad_desc();
     memory sp(spd, e, scratchpad.Get(spd.get_size()));
-    c->bwd_weights.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.typed_data())},
-                               {DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.typed_data())},
+    c->bwd_weights.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.untyped_data())},
+                               {DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.untyped_data())},
                                {DNNL_ARG_DIFF_WEIGHTS, dw_mem},
                                {DNNL_ARG_SCRATCHPAD, sp}});
     if (c->bwd_weights_reorder) c->from_bwd_weights_dw.execute(s, dw_mem, dw_user);
@@ -201,24 +232,18 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FedllavaOnednnConvFwd, Fwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FedllavaOnednnConvBwdData, BwdData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FedllavaOnednnConvBwdWeights, BwdWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+#define FEDLLAVA_CONV_HANDLER(name, fn, type)                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn<type>,                                  \
+                                ffi::Ffi::Bind()                                 \
+                                    .Arg<ffi::Buffer<type>>()                    \
+                                    .Arg<ffi::Buffer<type>>()                    \
+                                    .Ret<ffi::Buffer<type>>()                    \
+                                    .Attr<int64_t>("stride")                     \
+                                    .Attr<int64_t>("pad"));
+
+FEDLLAVA_CONV_HANDLER(FedllavaOnednnConvFwd, Fwd, ffi::F32)
+FEDLLAVA_CONV_HANDLER(FedllavaOnednnConvBwdData, BwdData, ffi::F32)
+FEDLLAVA_CONV_HANDLER(FedllavaOnednnConvBwdWeights, BwdWeights, ffi::F32)
+FEDLLAVA_CONV_HANDLER(FedllavaOnednnConvFwdBf16, Fwd, ffi::BF16)
+FEDLLAVA_CONV_HANDLER(FedllavaOnednnConvBwdDataBf16, BwdData, ffi::BF16)
+FEDLLAVA_CONV_HANDLER(FedllavaOnednnConvBwdWeightsBf16, BwdWeights, ffi::BF16)

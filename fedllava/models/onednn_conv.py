@@ -23,8 +23,10 @@ process's CPU affinity.
 
 Numerics: each convolution is a float32 sum in a different order than XLA's, so results
 agree with ``conv_impl="eigen"`` to float32 rounding (``tests/test_onednn_conv.py`` checks
-all three against XLA's convolution at precision HIGHEST). float32 only: float64 (the
-oracles) and bfloat16 stay on ``eigen``, which ``conv_impl="auto"`` picks for them.
+all three against XLA's convolution in float64). bfloat16 operands (``compute_dtype=
+"bfloat16"``, mixed precision) accumulate in float32 inside oneDNN and round the result to
+bfloat16, as XLA's bfloat16 convolution does. float64 (the oracles) stays on ``eigen``, which
+``conv_impl="auto"`` picks for it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ _TARGETS = {
   "input_gradient": "FedllavaOnednnConvBwdData",
   "kernel_gradient": "FedllavaOnednnConvBwdWeights",
 }
+_TARGETS.update({f"{k}_bf16": f"{v}Bf16" for k, v in _TARGETS.items()})
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _LOCK = threading.Lock()
 _LOADED: dict = {}
 INSTALL_HINT = (
@@ -125,7 +129,7 @@ def _build(found: dict) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
   cmd = [
-    found["cxx"], "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+    found["cxx"], "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
     f"-I{ffi_include}", f"-I{found['include']}", _SOURCE,
     f"-L{found['lib']}", "-ldnnl",
     # DT_RPATH (not RUNPATH): libdnnl's own dependencies resolve from its directory too.
@@ -169,12 +173,16 @@ def _out_size(n: int, k: int, stride: int, pad: int) -> int:
 
 def _call(name: str, shape, *args, stride: int, pad: int):
   load()
-  for a in args:
-    if a.dtype != jnp.float32:
-      raise TypeError(f"oneDNN convolutions take float32 (got {a.dtype}); use conv_impl='eigen'.")
+  dtype = jnp.dtype(args[0].dtype)
+  if dtype not in DTYPES or any(a.dtype != dtype for a in args):
+    raise TypeError(
+      f"oneDNN convolutions take float32 or bfloat16 operands of one dtype (got "
+      f"{[str(a.dtype) for a in args]}); use conv_impl='eigen'."
+    )
+  suffix = "_bf16" if dtype == jnp.bfloat16 else ""
   return jax.ffi.ffi_call(
-    f"fedllava_onednn_conv_{name}",
-    jax.ShapeDtypeStruct(shape, jnp.float32),
+    f"fedllava_onednn_conv_{name}{suffix}",
+    jax.ShapeDtypeStruct(shape, dtype),
     # Under vmap (clients as a batch axis with per-client kernels) a loop of calls: each is
     # already a whole batch of examples, and the CPU strategies map over clients anyway.
     vmap_method="sequential",
@@ -186,8 +194,8 @@ def conv(x: jax.Array, w: jax.Array, stride: int, pad: int) -> jax.Array:
   """A 2-D convolution, ``y[b, i, j, o] = sum_{di, dj, c} xpad[b, s i + di, s j + dj, c] w[di, dj, c, o]``.
 
   Args:
-    x: ``[B, H, W, C]`` float32 activations (NHWC).
-    w: ``[K, K, C, O]`` float32 kernel (HWIO, flax's layout).
+    x: ``[B, H, W, C]`` activations (NHWC), float32 or bfloat16.
+    w: ``[K, K, C, O]`` kernel (HWIO, flax's layout), ``x``'s dtype.
     stride: the stride on both axes.
     pad: zeros added on every side of both axes (PyTorch's ``padding``).
   Returns:

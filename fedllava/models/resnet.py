@@ -367,7 +367,7 @@ class ResNet(nn.Module):
       friendly under ``vmap``; see ``Im2ColConv``), ``"shift"`` (im2col whose patches are
       strided slices, ``shifted_patches``), ``"eigen"`` (XLA's convolutions with gradients
       XLA:CPU keeps on Eigen inside a scan, ``eigen_conv``) or ``"onednn"`` (oneDNN's
-      convolutions as FFI custom calls, ``onednn_conv.conv``: float32, the fastest on CPU,
+      convolutions as FFI custom calls, ``onednn_conv.conv``: float32 / bfloat16, the fastest on CPU,
       ``auto``'s choice there when installed; see ``resolve_conv_impl``).
     mlp_dim: width of the feature MLP's output (CLIP's width); ``None`` for no MLP.
     head_on_mlp: classify the pooled MLP tokens instead of the pooled backbone features.
@@ -457,21 +457,21 @@ def dtypes(model_config) -> tuple[Any, Any]:
 def resolve_conv_impl(impl: str, compute_dtype) -> str:
   """``conv_impl`` with ``"auto"`` resolved: what ``benchmarks/fl_round.py`` measured fastest.
 
-  On XLA:CPU, float32: ``"onednn"`` when oneDNN and a compiler are installed, else
-  ``"eigen"``; float64 / bfloat16 on CPU: ``"eigen"`` (oneDNN here is float32 only); other
-  backends: ``"xla"``. Measured: benchmarks/README.md (fl_round_cpu_small_*, round_speed_h200_*).
+  On XLA:CPU, float32 or bfloat16 compute: ``"onednn"`` when oneDNN and a compiler are
+  installed, else ``"eigen"``; float64 on CPU: ``"eigen"`` (oneDNN takes float32 and
+  bfloat16); other backends: ``"xla"``. Measured: benchmarks/README.md (fl_round_cpu_small_*,
+  round_speed_h200_*).
   """
+  onednn_ok = jnp.dtype(compute_dtype) in onednn_conv.DTYPES
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "xla"
-    if jnp.dtype(compute_dtype) == jnp.float32 and onednn_conv.available():
-      return "onednn"
-    return "eigen"
+    return "onednn" if onednn_ok and onednn_conv.available() else "eigen"
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
-  if impl == "onednn" and jnp.dtype(compute_dtype) != jnp.float32:
+  if impl == "onednn" and not onednn_ok:
     raise ValueError(
-      f"config.model.conv_impl='onednn' computes in float32 (compute dtype here: "
+      f"config.model.conv_impl='onednn' computes in float32 or bfloat16 (compute dtype here: "
       f"{jnp.dtype(compute_dtype).name}); use conv_impl='eigen' or 'auto'."
     )
   return impl
@@ -551,9 +551,9 @@ def validate(model_config) -> None:
       f"config.model.conv_impl={m.conv_impl!r}; choose 'auto' or one of {CONV_IMPLS}."
     )
   if m.conv_impl == "onednn":
-    if compute != "float32" or m.dtype != "float32":
+    if dtypes(m)[1] not in onednn_conv.DTYPES:
       raise errors.ConfigError(
-        "config.model.conv_impl='onednn' computes in float32 (config.model.dtype="
+        "config.model.conv_impl='onednn' computes in float32 or bfloat16 (config.model.dtype="
         f"{m.dtype!r}, compute_dtype={compute!r}); use conv_impl='eigen' or 'auto'."
       )
     why = onednn_conv.unavailable_reason()
