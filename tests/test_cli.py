@@ -11,15 +11,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs main like `python -m fedllava.main`, with stage 'federate' replaced by STOP.
 _DRIVER = """
-import os, signal, sys, time, types
+import os, signal, sys, types
 import jax
 from absl import app, flags
 from fedllava import main
 STOP = sys.argv.pop(1)
 def stop(config, workdir, init=None, **kwargs):
   if STOP == "sigint":
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(1)  # lets the SIGINT handler run first (it raced the raise on a loaded machine)
+    # Ctrl-C in the main thread: os.kill may hand SIGINT to any of XLA's threads, and then the
+    # handler raced the raise below (seen twice on a loaded machine, a 1 s sleep between them).
+    signal.raise_signal(signal.SIGINT)
   raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
 main.STAGES["federate"] = types.SimpleNamespace(run=stop)
 flags.mark_flags_as_required(["config"])

@@ -212,6 +212,15 @@ def test_bad_onednn_configs_are_one_message_naming_the_field_and_fix(monkeypatch
 
 
 @needs_onednn
+def test_wrong_operands_are_refused_before_the_call():
+  x, w = jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 4, 5))
+  with pytest.raises(ValueError, match=r"x \[B, H, W, C\] and w \[KH, KW, C, O\]"):
+    onednn_conv.conv(x, w, 1, 1)  # 3 input channels, a kernel for 4
+  with pytest.raises(TypeError, match="float32 or bfloat16 operands of one dtype"):
+    onednn_conv.conv(x, jnp.zeros((3, 3, 3, 5), jnp.bfloat16), 1, 1)
+
+
+@needs_onednn
 def test_library_is_built_once_per_source_and_a_failed_build_says_why(monkeypatch, tmp_path):
   found, _ = onednn_conv._find()
   monkeypatch.setenv("FEDLLAVA_CACHE_DIR", str(tmp_path / "cache"))

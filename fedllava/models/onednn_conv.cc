@@ -5,11 +5,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <map>
-#include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
-#include <unordered_map>
-#include <vector>
 
 #include <omp.h>
 
@@ -88,7 +86,7 @@ Conv* Make(const Key& k) {
 
 // XLA:CPU calls a custom call from its own worker threads, and each calling thread gets an
 // OpenMP team of its own: for a small convolution the team's fork, join and spinning cost more
-// than the work (digits' 8x8 images: 4x slower than one thread on 2 cores). Below
+// than the work (digits' 8x8 images: 5x slower than one thread on 2 cores). Below
 // FEDLLAVA_ONEDNN_SMALL_MACS multiply-adds (default 2^22) a convolution runs on the calling
 // thread alone; above, on the process's OpenMP threads (OMP_NUM_THREADS, CPU affinity).
 int Threads(const Key& k) {
@@ -150,28 +148,40 @@ Key MakeKey(const B& x_dims, const B& w_dims, int64_t stride, int64_t pad) {
              pad, Type<T>(), 0);
 }
 
+// The kernel as a primitive wants it: the caller's HWIO buffer itself, or `to` (a reorder
+// into this thread's scratch) applied to it.
+memory KernelFor(Conv* c, const memory::desc& md, bool reorder, dnnl::reorder& to, void* w,
+                 dnnl::stream& s) {
+  memory user(c->w_user_md, Engine(), w);
+  if (!reorder) return user;
+  memory mem(md, Engine(), weights_scratch.Get(md.get_size()));
+  to.execute(s, user, mem);
+  return mem;
+}
+
+memory Scratchpad(const memory::desc& md) {
+  return memory(md, Engine(), scratchpad.Get(md.get_size()));
+}
+
+ffi::Error Failed(const char* what, const dnnl::error& err) {
+  return ffi::Error::Internal(std::string("oneDNN convolution ") + what + ": " + err.what());
+}
+
 template <ffi::DataType T>
 ffi::Error Fwd(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y, int64_t stride,
                int64_t pad) {
   try {
     Conv* c = Get(MakeKey<T>(x.dimensions(), w.dimensions(), stride, pad));
-    auto& e = Engine();
     auto& s = Stream();
-    memory w_user(c->w_user_md, e, w.untyped_data());
-    memory w_mem = w_user;
-    if (c->fwd_reorder) {
-      auto md = c->fwd_pd.weights_desc();
-      w_mem = memory(md, e, weights_scratch.Get(md.get_size()));
-      c->to_fwd_w.execute(s, w_user, w_mem);
-    }
-    memory sp(c->fwd_pd.scratchpad_desc(), e, scratchpad.Get(c->fwd_pd.scratchpad_desc().get_size()));
-    c->fwd.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.untyped_data())},
-                       {DNNL_ARG_WEIGHTS, w_mem},
-                       {DNNL_ARG_DST, memory(c->y_md, e, y->untyped_data())},
-                       {DNNL_ARG_SCRATCHPAD, sp}});
+    memory kernel = KernelFor(c, c->fwd_pd.weights_desc(), c->fwd_reorder, c->to_fwd_w,
+                              w.untyped_data(), s);
+    c->fwd.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, Engine(), x.untyped_data())},
+                       {DNNL_ARG_WEIGHTS, kernel},
+                       {DNNL_ARG_DST, memory(c->y_md, Engine(), y->untyped_data())},
+                       {DNNL_ARG_SCRATCHPAD, Scratchpad(c->fwd_pd.scratchpad_desc())}});
     s.wait();
   } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("oneDNN convolution forward: ") + err.what());
+    return Failed("forward", err);
   }
   return ffi::Error::Success();
 }
@@ -181,24 +191,16 @@ ffi::Error BwdData(ffi::Buffer<T> dy, ffi::Buffer<T> w, ffi::ResultBuffer<T> dx,
                    int64_t pad) {
   try {
     Conv* c = Get(MakeKey<T>(dx->dimensions(), w.dimensions(), stride, pad));
-    auto& e = Engine();
     auto& s = Stream();
-    memory w_user(c->w_user_md, e, w.untyped_data());
-    memory w_mem = w_user;
-    if (c->bwd_data_reorder) {
-      auto md = c->bwd_data_pd.weights_desc();
-      w_mem = memory(md, e, weights_scratch.Get(md.get_size()));
-      c->to_bwd_data_w.execute(s, w_user, w_mem);
-    }
-    auto spd = c->bwd_data_pd.scratchpad_desc();
-    memory sp(spd, e, scratchpad.Get(spd.get_size()));
-    c->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.untyped_data())},
-                            {DNNL_ARG_WEIGHTS, w_mem},
-                            {DNNL_ARG_DIFF_SRC, memory(c->x_md, e, dx->untyped_data())},
-                            {DNNL_ARG_SCRATCHPAD, sp}});
+    memory kernel = KernelFor(c, c->bwd_data_pd.weights_desc(), c->bwd_data_reorder,
+                              c->to_bwd_data_w, w.untyped_data(), s);
+    c->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(c->y_md, Engine(), dy.untyped_data())},
+                            {DNNL_ARG_WEIGHTS, kernel},
+                            {DNNL_ARG_DIFF_SRC, memory(c->x_md, Engine(), dx->untyped_data())},
+                            {DNNL_ARG_SCRATCHPAD, Scratchpad(c->bwd_data_pd.scratchpad_desc())}});
     s.wait();
   } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("oneDNN convolution input gradient: ") + err.what());
+    return Failed("input gradient", err);
   }
   return ffi::Error::Success();
 }
@@ -208,24 +210,22 @@ ffi::Error BwdWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<T> 
                       int64_t stride, int64_t pad) {
   try {
     Conv* c = Get(MakeKey<T>(x.dimensions(), dw->dimensions(), stride, pad));
-    auto& e = Engine();
     auto& s = Stream();
-    memory dw_user(c->w_user_md, e, dw->untyped_data());
-    memory dw_mem = dw_user;
-    if (c->bwd_weights_reorder) {
+    memory user(c->w_user_md, Engine(), dw->untyped_data());
+    memory grad = user;
+    if (c->bwd_weights_reorder) {  // oneDNN's layout in scratch, then HWIO into the result
       auto md = c->bwd_weights_pd.diff_weights_desc();
-      dw_mem = memory(md, e, weights_scratch.Get(md.get_size()));
+      grad = memory(md, Engine(), weights_scratch.Get(md.get_size()));
     }
-    auto spd = c->bwd_weights_pd.scratchpad_desc();
-    memory sp(spd, e, scratchpad.Get(spd.get_size()));
-    c->bwd_weights.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, e, x.untyped_data())},
-                               {DNNL_ARG_DIFF_DST, memory(c->y_md, e, dy.untyped_data())},
-                               {DNNL_ARG_DIFF_WEIGHTS, dw_mem},
-                               {DNNL_ARG_SCRATCHPAD, sp}});
-    if (c->bwd_weights_reorder) c->from_bwd_weights_dw.execute(s, dw_mem, dw_user);
+    c->bwd_weights.execute(
+        s, {{DNNL_ARG_SRC, memory(c->x_md, Engine(), x.untyped_data())},
+            {DNNL_ARG_DIFF_DST, memory(c->y_md, Engine(), dy.untyped_data())},
+            {DNNL_ARG_DIFF_WEIGHTS, grad},
+            {DNNL_ARG_SCRATCHPAD, Scratchpad(c->bwd_weights_pd.scratchpad_desc())}});
+    if (c->bwd_weights_reorder) c->from_bwd_weights_dw.execute(s, grad, user);
     s.wait();
   } catch (const dnnl::error& err) {
-    return ffi::Error::Internal(std::string("oneDNN convolution kernel gradient: ") + err.what());
+    return Failed("kernel gradient", err);
   }
   return ffi::Error::Success();
 }

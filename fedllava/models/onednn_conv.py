@@ -195,15 +195,19 @@ def conv(x: jax.Array, w: jax.Array, stride: int, pad: int) -> jax.Array:
 
   Args:
     x: ``[B, H, W, C]`` activations (NHWC), float32 or bfloat16.
-    w: ``[K, K, C, O]`` kernel (HWIO, flax's layout), ``x``'s dtype.
+    w: ``[KH, KW, C, O]`` kernel (HWIO, flax's layout), ``x``'s dtype.
     stride: the stride on both axes.
     pad: zeros added on every side of both axes (PyTorch's ``padding``).
   Returns:
-    ``[B, Ho, Wo, O]`` with ``Ho = (H + 2 pad - K) // stride + 1``; differentiable in ``x`` and
+    ``[B, Ho, Wo, O]`` with ``Ho = (H + 2 pad - KH) // stride + 1``; differentiable in ``x`` and
     ``w`` through oneDNN's backward-data and backward-weights primitives.
   """
-  k = w.shape[0]
-  ho, wo = _out_size(x.shape[1], k, stride, pad), _out_size(x.shape[2], k, stride, pad)
+  if x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[2]:
+    raise ValueError(
+      f"onednn_conv.conv takes x [B, H, W, C] and w [KH, KW, C, O]; got {x.shape} and {w.shape}."
+    )
+  ho = _out_size(x.shape[1], w.shape[0], stride, pad)
+  wo = _out_size(x.shape[2], w.shape[1], stride, pad)
   return _call("forward", (x.shape[0], ho, wo, w.shape[3]), x, w, stride=stride, pad=pad)
 
 

@@ -223,37 +223,22 @@ def _eigen_conv_bwd(stride, pad, res, dy):
 eigen_conv.defvjp(_eigen_conv_fwd, _eigen_conv_bwd)
 
 
-class EigenConv(nn.Module):
-  """A bias-free convolution through ``eigen_conv``: the same parameters as ``nn.Conv``."""
+class FunctionConv(nn.Module):
+  """A bias-free convolution through ``conv(x, kernel, stride, pad)`` (``eigen_conv`` or
+  ``onednn_conv.conv``): the same parameters as ``nn.Conv``."""
 
   features: int
   kernel_size: int
   stride: int
   dtype: Any = jnp.float32
   param_dtype: Any = None
+  conv: Callable = eigen_conv
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), _param_dtype(self))
-    return eigen_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - 1) // 2)
-
-
-class OnednnConv(nn.Module):
-  """A bias-free convolution through ``onednn_conv.conv``: the same parameters as ``nn.Conv``."""
-
-  features: int
-  kernel_size: int
-  stride: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    k = self.kernel_size
-    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), _param_dtype(self))
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return onednn_conv.conv(x, kernel, self.stride, (k - 1) // 2)
+    return self.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (k - 1) // 2)
 
 
 CONV_IMPLS = ("xla", "im2col", "shift", "eigen", "onednn")
@@ -269,10 +254,9 @@ def _conv(
     return Im2ColConv(
       features, kernel, stride, dtype=dtype, param_dtype=pd, patches=patches, name=name
     )
-  if impl == "eigen":
-    return EigenConv(features, kernel, stride, dtype=dtype, param_dtype=pd, name=name)
-  if impl == "onednn":
-    return OnednnConv(features, kernel, stride, dtype=dtype, param_dtype=pd, name=name)
+  if impl in ("eigen", "onednn"):
+    fn = eigen_conv if impl == "eigen" else onednn_conv.conv
+    return FunctionConv(features, kernel, stride, dtype=dtype, param_dtype=pd, conv=fn, name=name)
   pad = (kernel - 1) // 2
   return nn.Conv(
     features,
