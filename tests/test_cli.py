@@ -11,17 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs main like `python -m fedllava.main`, with stage 'federate' replaced by STOP.
 _DRIVER = """
-import sys, types
+import signal, sys, types
 import jax
 from absl import app, flags
 from fedllava import main
 STOP = sys.argv.pop(1)
 def stop(config, workdir, init=None, **kwargs):
   if STOP == "sigint":
-    # What Python's SIGINT handler raises on Ctrl-C. Sending the signal itself raced the raise
-    # below (os.kill, even with a 1 s sleep) or never arrived (signal.raise_signal): both failed
-    # in clean-clone CI runs under xdist, never alone; the signal's delivery is Python's job.
-    raise KeyboardInterrupt
+    # Ctrl-C, in the main thread. A harness started as a background job without job control
+    # (`(cmd &)` in a script) passes SIGINT down as ignored, and Python then installs no
+    # handler: restore the one a terminal's process has, as a user's run does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.raise_signal(signal.SIGINT)
   raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
 main.STAGES["federate"] = types.SimpleNamespace(run=stop)
 flags.mark_flags_as_required(["config"])
