@@ -41,13 +41,16 @@ struct Conv {
   dnnl::convolution_forward fwd;
   dnnl::convolution_backward_data bwd_data;
   dnnl::convolution_backward_weights bwd_weights;
-  bool fwd_reorder, bwd_data_reorder, bwd_weights_reorder;
+  // Between the caller's HWIO kernel and the layout each primitive picked; empty (false)
+  // where that layout is HWIO itself.
   dnnl::reorder to_fwd_w, to_bwd_data_w, from_bwd_weights_dw;
 };
 
+int64_t OutSize(int64_t n, int64_t k, int64_t s, int64_t p) { return (n + 2 * p - k) / s + 1; }
+
 Conv* Make(const Key& k) {
   auto [n, h, w, c, o, kh, kw, s, p, type, threads] = k;
-  const int64_t ho = (h + 2 * p - kh) / s + 1, wo = (w + 2 * p - kw) / s + 1;
+  const int64_t ho = OutSize(h, kh, s, p), wo = OutSize(w, kw, s, p);
   auto* conv = new Conv();
   conv->x_md = memory::desc({n, c, h, w}, type, tag::nhwc);
   conv->y_md = memory::desc({n, o, ho, wo}, type, tag::nhwc);
@@ -69,16 +72,13 @@ Conv* Make(const Key& k) {
   conv->fwd = dnnl::convolution_forward(conv->fwd_pd);
   conv->bwd_data = dnnl::convolution_backward_data(conv->bwd_data_pd);
   conv->bwd_weights = dnnl::convolution_backward_weights(conv->bwd_weights_pd);
-  conv->fwd_reorder = conv->fwd_pd.weights_desc() != conv->w_user_md;
-  conv->bwd_data_reorder = conv->bwd_data_pd.weights_desc() != conv->w_user_md;
-  conv->bwd_weights_reorder = conv->bwd_weights_pd.diff_weights_desc() != conv->w_user_md;
-  if (conv->fwd_reorder)
+  if (conv->fwd_pd.weights_desc() != conv->w_user_md)
     conv->to_fwd_w = dnnl::reorder(dnnl::reorder::primitive_desc(
         e, conv->w_user_md, e, conv->fwd_pd.weights_desc()));
-  if (conv->bwd_data_reorder)
+  if (conv->bwd_data_pd.weights_desc() != conv->w_user_md)
     conv->to_bwd_data_w = dnnl::reorder(dnnl::reorder::primitive_desc(
         e, conv->w_user_md, e, conv->bwd_data_pd.weights_desc()));
-  if (conv->bwd_weights_reorder)
+  if (conv->bwd_weights_pd.diff_weights_desc() != conv->w_user_md)
     conv->from_bwd_weights_dw = dnnl::reorder(dnnl::reorder::primitive_desc(
         e, conv->bwd_weights_pd.diff_weights_desc(), e, conv->w_user_md));
   return conv;
@@ -96,8 +96,8 @@ int Threads(const Key& k) {
     return env ? std::atoll(env) : int64_t{1} << 22;
   }();
   auto [n, h, w, c, o, kh, kw, s, p, type, threads] = k;
-  const int64_t ho = (h + 2 * p - kh) / s + 1, wo = (w + 2 * p - kw) / s + 1;
-  return n * ho * wo * o * c * kh * kw < small ? 1 : max_threads;
+  const int64_t macs = n * OutSize(h, kh, s, p) * OutSize(w, kw, s, p) * o * c * kh * kw;
+  return macs < small ? 1 : max_threads;
 }
 
 // Primitives are built once per shape (oneDNN JIT-compiles them) and shared by all threads;
@@ -150,10 +150,9 @@ Key MakeKey(const B& x_dims, const B& w_dims, int64_t stride, int64_t pad) {
 
 // The kernel as a primitive wants it: the caller's HWIO buffer itself, or `to` (a reorder
 // into this thread's scratch) applied to it.
-memory KernelFor(Conv* c, const memory::desc& md, bool reorder, dnnl::reorder& to, void* w,
-                 dnnl::stream& s) {
+memory KernelFor(Conv* c, const memory::desc& md, dnnl::reorder& to, void* w, dnnl::stream& s) {
   memory user(c->w_user_md, Engine(), w);
-  if (!reorder) return user;
+  if (!to) return user;
   memory mem(md, Engine(), weights_scratch.Get(md.get_size()));
   to.execute(s, user, mem);
   return mem;
@@ -173,8 +172,7 @@ ffi::Error Fwd(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y, int64
   try {
     Conv* c = Get(MakeKey<T>(x.dimensions(), w.dimensions(), stride, pad));
     auto& s = Stream();
-    memory kernel = KernelFor(c, c->fwd_pd.weights_desc(), c->fwd_reorder, c->to_fwd_w,
-                              w.untyped_data(), s);
+    memory kernel = KernelFor(c, c->fwd_pd.weights_desc(), c->to_fwd_w, w.untyped_data(), s);
     c->fwd.execute(s, {{DNNL_ARG_SRC, memory(c->x_md, Engine(), x.untyped_data())},
                        {DNNL_ARG_WEIGHTS, kernel},
                        {DNNL_ARG_DST, memory(c->y_md, Engine(), y->untyped_data())},
@@ -192,8 +190,8 @@ ffi::Error BwdData(ffi::Buffer<T> dy, ffi::Buffer<T> w, ffi::ResultBuffer<T> dx,
   try {
     Conv* c = Get(MakeKey<T>(dx->dimensions(), w.dimensions(), stride, pad));
     auto& s = Stream();
-    memory kernel = KernelFor(c, c->bwd_data_pd.weights_desc(), c->bwd_data_reorder,
-                              c->to_bwd_data_w, w.untyped_data(), s);
+    memory kernel =
+        KernelFor(c, c->bwd_data_pd.weights_desc(), c->to_bwd_data_w, w.untyped_data(), s);
     c->bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, memory(c->y_md, Engine(), dy.untyped_data())},
                             {DNNL_ARG_WEIGHTS, kernel},
                             {DNNL_ARG_DIFF_SRC, memory(c->x_md, Engine(), dx->untyped_data())},
@@ -213,7 +211,7 @@ ffi::Error BwdWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<T> 
     auto& s = Stream();
     memory user(c->w_user_md, Engine(), dw->untyped_data());
     memory grad = user;
-    if (c->bwd_weights_reorder) {  // oneDNN's layout in scratch, then HWIO into the result
+    if (c->from_bwd_weights_dw) {  // oneDNN's layout in scratch, then HWIO into the result
       auto md = c->bwd_weights_pd.diff_weights_desc();
       grad = memory(md, Engine(), weights_scratch.Get(md.get_size()));
     }
@@ -222,7 +220,7 @@ ffi::Error BwdWeights(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<T> 
             {DNNL_ARG_DIFF_DST, memory(c->y_md, Engine(), dy.untyped_data())},
             {DNNL_ARG_DIFF_WEIGHTS, grad},
             {DNNL_ARG_SCRATCHPAD, Scratchpad(c->bwd_weights_pd.scratchpad_desc())}});
-    if (c->bwd_weights_reorder) c->from_bwd_weights_dw.execute(s, grad, user);
+    if (c->from_bwd_weights_dw) c->from_bwd_weights_dw.execute(s, grad, user);
     s.wait();
   } catch (const dnnl::error& err) {
     return Failed("kernel gradient", err);

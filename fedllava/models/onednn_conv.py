@@ -116,11 +116,10 @@ def _build(found: dict) -> str:
     key = hashlib.sha256(f.read())
   for part in (found["cxx"], found["include"], found["lib"], ffi_include, jax.__version__):
     key.update(part.encode())
-  for header in ("oneapi/dnnl/dnnl_version.h",):
-    path = os.path.join(found["include"], header)
-    if os.path.exists(path):
-      with open(path, "rb") as f:
-        key.update(f.read())
+  version = os.path.join(found["include"], "oneapi", "dnnl", "dnnl_version.h")
+  if os.path.exists(version):
+    with open(version, "rb") as f:
+      key.update(f.read())
   out_dir = _cache_dir()
   path = os.path.join(out_dir, f"libfedllava_onednn_{key.hexdigest()[:16]}.so")
   if os.path.exists(path):

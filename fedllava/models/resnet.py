@@ -444,7 +444,8 @@ def resolve_conv_impl(impl: str, compute_dtype) -> str:
   On XLA:CPU, float32 or bfloat16 compute: ``"onednn"`` when oneDNN and a compiler are
   installed, else ``"eigen"``; float64 on CPU: ``"eigen"`` (oneDNN takes float32 and
   bfloat16); other backends: ``"xla"``. Measured: benchmarks/README.md (fl_round_cpu_small_*,
-  round_speed_h200_*).
+  round_speed_h200_*). An unknown name, or ``"onednn"`` where it cannot run, raises
+  ``errors.ConfigError`` (a ``ValueError``) naming the field and the fix.
   """
   onednn_ok = jnp.dtype(compute_dtype) in onednn_conv.DTYPES
   if impl == "auto":
@@ -452,12 +453,21 @@ def resolve_conv_impl(impl: str, compute_dtype) -> str:
       return "xla"
     return "onednn" if onednn_ok and onednn_conv.available() else "eigen"
   if impl not in CONV_IMPLS:
-    raise ValueError(f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}.")
-  if impl == "onednn" and not onednn_ok:
-    raise ValueError(
-      f"config.model.conv_impl='onednn' computes in float32 or bfloat16 (compute dtype here: "
-      f"{jnp.dtype(compute_dtype).name}); use conv_impl='eigen' or 'auto'."
+    raise errors.ConfigError(
+      f"config.model.conv_impl={impl!r}; choose 'auto' or one of {CONV_IMPLS}."
     )
+  if impl == "onednn":
+    if not onednn_ok:
+      raise errors.ConfigError(
+        "config.model.conv_impl='onednn' computes in float32 or bfloat16 (the compute dtype of "
+        f"config.model.dtype / compute_dtype here: {jnp.dtype(compute_dtype).name}); use "
+        "conv_impl='eigen' or 'auto'."
+      )
+    why = onednn_conv.unavailable_reason()
+    if why:
+      raise errors.ConfigError(
+        f"config.model.conv_impl='onednn' cannot run here: {why}; {onednn_conv.INSTALL_HINT}."
+      )
   return impl
 
 
@@ -530,21 +540,7 @@ def validate(model_config) -> None:
     raise errors.ConfigError(
       f"config.model.compute_dtype='float64' needs config.model.dtype='float64' (got {m.dtype!r})."
     )
-  if m.conv_impl not in ("auto",) + CONV_IMPLS:
-    raise errors.ConfigError(
-      f"config.model.conv_impl={m.conv_impl!r}; choose 'auto' or one of {CONV_IMPLS}."
-    )
-  if m.conv_impl == "onednn":
-    if dtypes(m)[1] not in onednn_conv.DTYPES:
-      raise errors.ConfigError(
-        "config.model.conv_impl='onednn' computes in float32 or bfloat16 (config.model.dtype="
-        f"{m.dtype!r}, compute_dtype={compute!r}); use conv_impl='eigen' or 'auto'."
-      )
-    why = onednn_conv.unavailable_reason()
-    if why:
-      raise errors.ConfigError(
-        f"config.model.conv_impl='onednn' cannot run here: {why}; {onednn_conv.INSTALL_HINT}."
-      )
+  resolve_conv_impl(m.conv_impl, dtypes(m)[1])  # raises ConfigError
   bn_impl = m.get("bn_impl", "reduce")
   if bn_impl not in BN_IMPLS:
     raise errors.ConfigError(f"config.model.bn_impl={bn_impl!r}; choose one of {BN_IMPLS}.")
